@@ -1,0 +1,3 @@
+from pacs_ai.cli import main
+
+raise SystemExit(main())

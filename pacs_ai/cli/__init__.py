@@ -1,0 +1,63 @@
+"""The ``pacs-ai`` command line.
+
+Each sub-module adds its sub-commands with ``register(subparsers)``; a command's handler takes
+the parsed namespace and returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from pacs_ai import __version__
+from pacs_ai.errors import ConfigError, PacsAiError
+
+# Sub-modules registering commands, in the order --help lists them.
+_COMMAND_MODULES = ("serve", "net", "db", "audit", "models")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="pacs-ai",
+        description="DICOM-AI gateway: receive chest X-ray/CT, score, report back as DICOM SR.",
+    )
+    parser.add_argument("--version", action="version", version=f"pacs-ai {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"pacs_ai.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"pacs_ai.cli.{name}":
+                continue  # that group is not part of this build
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"pacs-ai: {exc}", file=sys.stderr)
+        return 2
+    except PacsAiError as exc:
+        print(f"pacs-ai: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        default=None,
+        help="config.toml to use (default: the embedded config.toml; "
+        "PACS_AI_<SECTION>__<KEY> variables override single keys)",
+    )

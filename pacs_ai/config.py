@@ -1,0 +1,265 @@
+"""One typed, immutable settings object, loaded from ``config.toml`` plus environment overrides.
+
+Environment variables override single keys: ``PACS_AI_<SECTION>__<KEY>=value``, e.g.
+``PACS_AI_DICOM__PORT=104`` or ``PACS_AI_DATABASE__URL=postgresql+psycopg://...``. A value is
+read as a TOML value when it parses as one (numbers, booleans, arrays), otherwise as a string.
+Relative paths in the file are resolved against the directory of the config file, so the
+embedded default works from any working directory.
+
+Nothing here reads the environment at import time; :func:`load_settings` is the only entry.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pacs_ai.errors import ConfigError
+
+ENV_PREFIX = "PACS_AI_"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
+
+# PS3.5 AE title: 1-16 characters of the default repertoire, no backslash or control characters,
+# not all spaces. Leading/trailing spaces are not significant, so we refuse them to avoid
+# confusion between "PACS " and "PACS".
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+def validate_ae_title(value: str) -> str:
+    if not _AE_RE.match(value) or value.strip() != value or not value.strip():
+        raise ValueError(
+            f"AE title {value!r} must be 1-16 printable ASCII characters, no backslash, "
+            "no leading or trailing spaces"
+        )
+    return value
+
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+PositiveSeconds = Annotated[float, Field(gt=0, le=86400)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DicomSettings(_Section):
+    ae_title: AETitle = "PACS_AI"
+    host: str = "127.0.0.1"
+    port: Port = 11112
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
+    # Largest P-DATA PDU we accept; we advertise it in A-ASSOCIATE-AC. 0 is not allowed:
+    # an unlimited PDU would let a peer make us read arbitrarily large frames.
+    max_pdu_size: Annotated[int, Field(ge=4096, le=16 * 1024 * 1024)] = 262144
+    # Largest dataset accepted in one C-STORE (bytes); larger ones are refused mid-stream.
+    max_instance_bytes: Annotated[int, Field(ge=1024)] = 2 * 1024**3
+    acse_timeout: PositiveSeconds = 30.0
+    dimse_timeout: PositiveSeconds = 60.0
+    network_timeout: PositiveSeconds = 60.0
+
+    _ae = field_validator("ae_title")(validate_ae_title)
+
+
+class AllowedPeer(_Section):
+    ae_title: AETitle
+    # An IP address or a network in CIDR notation (e.g. 10.1.2.0/24).
+    host: str
+
+    _ae = field_validator("ae_title")(validate_ae_title)
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_ip_or_network(cls, v: str) -> str:
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"host {v!r} must be an IP address or CIDR network") from exc
+        return v
+
+    def matches(self, ae_title: str, address: str) -> bool:
+        if ae_title.strip() != self.ae_title:
+            return False
+        try:
+            return ipaddress.ip_address(address) in ipaddress.ip_network(self.host, strict=False)
+        except ValueError:
+            return False
+
+
+class AccessSettings(_Section):
+    reject_unknown: bool = True
+    allowed: tuple[AllowedPeer, ...] = ()
+
+    def is_allowed(self, ae_title: str, address: str) -> bool:
+        if not self.reject_unknown:
+            return True
+        return any(p.matches(ae_title, address) for p in self.allowed)
+
+
+class TlsSettings(_Section):
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # CA bundle used to verify peers' certificates; with require_client_cert the handshake
+    # fails for peers without a certificate signed by it.
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+    # Name of an environment variable holding the private key's password (never the
+    # password itself: secrets stay off command lines and out of config files).
+    key_password_env: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("tls.enabled needs tls.cert_file and tls.key_file")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("tls.require_client_cert needs tls.ca_file")
+        return self
+
+
+class StorageSettings(_Section):
+    path: Path = Path("var/spool")
+    # Below this much free space new associations and C-STOREs are refused (0xA700).
+    min_free_mb: Annotated[int, Field(ge=0)] = 500
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///var/pacs-ai.db"
+    echo: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        if not v.startswith(("sqlite://", "postgresql")):
+            raise ValueError("database.url must be a sqlite:// or postgresql:// URL")
+        return v
+
+
+class AssemblySettings(_Section):
+    # CR/DX: a series is complete this long after the association that brought it ended.
+    xray_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 0.5
+    # CT (and other multi-image series): complete after this long without a new instance.
+    ct_quiet_seconds: Annotated[float, Field(ge=0, le=86400)] = 10.0
+    # How often the completion sweep runs (it is also woken at association release).
+    sweep_interval_seconds: PositiveSeconds = 1.0
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(_Section):
+    dicom: DicomSettings = DicomSettings()
+    access: AccessSettings = AccessSettings()
+    tls: TlsSettings = TlsSettings()
+    storage: StorageSettings = StorageSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    assembly: AssemblySettings = AssemblySettings()
+    logging: LoggingSettings = LoggingSettings()
+    # Where the file was read from (None for pure defaults); relative paths were resolved
+    # against its directory.
+    source: Path | None = None
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name}: {'.'.join(path[:-1])} is not a table")
+            node = child
+        node[path[-1]] = _parse_env_value(raw)
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    def fix(p: Path | None) -> Path | None:
+        if p is None or p.is_absolute():
+            return p
+        return (base / p).resolve()
+
+    storage = settings.storage.model_copy(update={"path": fix(settings.storage.path)})
+    tls = settings.tls.model_copy(
+        update={k: fix(getattr(settings.tls, k)) for k in ("cert_file", "key_file", "ca_file")}
+    )
+    db_url = settings.database.url
+    prefix = "sqlite:///"
+    if db_url.startswith(prefix) and not db_url.startswith(prefix + "/"):
+        rel = db_url[len(prefix) :]
+        if rel and rel != ":memory:":
+            db_url = prefix + str((base / rel).resolve())
+    database = settings.database.model_copy(update={"url": db_url})
+    return settings.model_copy(update={"storage": storage, "tls": tls, "database": database})
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    path: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read settings from ``path`` (default: the embedded ``config.toml``).
+
+    ``env`` defaults to ``os.environ``; ``overrides`` is a nested dict merged last (tests).
+    Raises :class:`ConfigError` with one line per problem.
+    """
+    cfg_path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        data: dict[str, Any] = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {cfg_path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{cfg_path}: not valid TOML: {exc}") from exc
+    _apply_env(data, os.environ if env is None else env)
+    if overrides:
+        _deep_merge(data, overrides)
+    return settings_from_dict(data, base=cfg_path.resolve().parent, origin=str(cfg_path))
+
+
+def settings_from_dict(
+    data: Mapping[str, Any], base: Path, origin: str = "<dict>"
+) -> Settings:
+    try:
+        settings = Settings.model_validate({**data, "source": Path(origin)})
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin)) from exc
+    return _resolve_paths(settings, base)
+
+
+def _deep_merge(into: dict[str, Any], other: Mapping[str, Any]) -> None:
+    for key, value in other.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value

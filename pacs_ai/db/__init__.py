@@ -1,0 +1,1 @@
+"""Database: models, engine/session set-up, migrations and audit queries."""

@@ -1,0 +1,117 @@
+"""The exception tree, and the one table that maps exceptions to DIMSE statuses.
+
+Code raises the most specific exception it knows; the ingest boundary
+(:func:`dimse_status_for`) turns it into the C-STORE status the peer sees. Nothing else in
+the code base picks a status number.
+"""
+
+from __future__ import annotations
+
+
+class PacsAiError(Exception):
+    """Base of every error pacs-ai raises on purpose."""
+
+
+class ConfigError(PacsAiError):
+    """The configuration file or an override is invalid."""
+
+
+# --- association level --------------------------------------------------------------------
+
+
+class AssociationRejected(PacsAiError):
+    """An A-ASSOCIATE-RQ is refused with (result, source, reason) per PS3.8 9.3.4."""
+
+    def __init__(self, result: int, source: int, reason: int, why: str) -> None:
+        super().__init__(why)
+        self.result = result
+        self.source = source
+        self.reason = reason
+        self.why = why
+
+
+def reject_calling_ae(why: str) -> AssociationRejected:
+    return AssociationRejected(1, 1, 3, why)  # permanent, service-user, calling AE unknown
+
+
+def reject_called_ae(why: str) -> AssociationRejected:
+    return AssociationRejected(1, 1, 7, why)  # permanent, service-user, called AE unknown
+
+
+def reject_local_limit(why: str) -> AssociationRejected:
+    return AssociationRejected(2, 3, 2, why)  # transient, provider (presentation), local limit
+
+
+def reject_no_reason(why: str) -> AssociationRejected:
+    return AssociationRejected(1, 1, 1, why)  # permanent, service-user, no reason given
+
+
+class ProtocolError(PacsAiError):
+    """The peer broke the upper-layer protocol; the association is aborted."""
+
+
+# --- instance level (C-STORE) ---------------------------------------------------------------
+
+
+class StoreError(PacsAiError):
+    """A C-STORE that must not be answered with Success."""
+
+
+class DatasetMismatch(StoreError):
+    """The dataset's SOP Class/Instance UID differ from the command's."""
+
+
+class InvalidDataset(StoreError):
+    """The dataset cannot be parsed (truncated, corrupt encoding)."""
+
+
+class MissingAttribute(StoreError):
+    """A Type 1 attribute we rely on is missing or empty."""
+
+
+class InvalidUid(StoreError):
+    """A UID is not a valid DICOM UID (e.g. contains '/', '..' or NUL)."""
+
+
+class PixelDataError(StoreError):
+    """Pixel Data length does not match Rows x Columns x frames x samples x bits."""
+
+
+class ImageTooLarge(StoreError):
+    """Declared dimensions or encoded size exceed the configured limits."""
+
+
+class OutOfResources(StoreError):
+    """Disk below the watermark, disk full."""
+
+
+class SpoolIOError(StoreError):
+    """Writing the spool failed (I/O error other than disk full)."""
+
+
+class DatabaseUnavailable(StoreError):
+    """The database could not record the instance."""
+
+
+# Warning/failure statuses per PS3.4 Annex B (Storage Service Class) and PS3.7 Annex C.
+STATUS_SUCCESS = 0x0000
+STATUS_PROCESSING_FAILURE = 0x0110
+_STATUS: dict[type[StoreError], int] = {
+    DatasetMismatch: 0xA900,
+    InvalidDataset: 0xC000,
+    InvalidUid: 0xC001,
+    MissingAttribute: 0xC002,
+    PixelDataError: 0xC003,
+    ImageTooLarge: 0xC004,
+    OutOfResources: 0xA700,
+    SpoolIOError: 0xA701,
+    DatabaseUnavailable: 0xA702,
+}
+
+
+def dimse_status_for(exc: BaseException) -> int:
+    """The C-STORE-RSP status for ``exc``: the table above, else 0x0110 processing failure."""
+    for cls in type(exc).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]  # type: ignore[index]
+    return STATUS_PROCESSING_FAILURE
