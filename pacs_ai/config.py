@@ -247,9 +247,7 @@ def load_settings(
     return settings_from_dict(data, base=cfg_path.resolve().parent, origin=str(cfg_path))
 
 
-def settings_from_dict(
-    data: Mapping[str, Any], base: Path, origin: str = "<dict>"
-) -> Settings:
+def settings_from_dict(data: Mapping[str, Any], base: Path, origin: str = "<dict>") -> Settings:
     try:
         settings = Settings.model_validate({**data, "source": Path(origin)})
     except ValidationError as exc:

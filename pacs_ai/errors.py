@@ -113,5 +113,5 @@ def dimse_status_for(exc: BaseException) -> int:
     """The C-STORE-RSP status for ``exc``: the table above, else 0x0110 processing failure."""
     for cls in type(exc).__mro__:
         if cls in _STATUS:
-            return _STATUS[cls]  # type: ignore[index]
+            return _STATUS[cls]
     return STATUS_PROCESSING_FAILURE

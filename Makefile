@@ -1,0 +1,60 @@
+# Two commands on a fresh machine:
+#   make run   - create .venv, install, upgrade the database, serve on config.toml
+#   make test  - install what tests need (pip and apt), start PostgreSQL if needed, then
+#                ruff, mypy and pytest
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+CONFIG ?= config.toml
+# Debian packages the integration tests use as real peers.
+APT_PACKAGES := dcmtk orthanc dicom3tools postgresql
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test check lint typecheck pytest system-deps services samples bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/pacs-ai db upgrade --config $(CONFIG)
+	$(BIN)/pacs-ai serve --config $(CONFIG)
+
+system-deps:
+	@missing=""; \
+	for tool in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools pg_ctlcluster:postgresql; do \
+	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+
+# PostgreSQL on 127.0.0.1:5432 for the tests (started here if it is not running; no systemd).
+services: system-deps
+	@pg_isready -q -h 127.0.0.1 -p 5432 || { \
+	  echo "starting PostgreSQL"; \
+	  $(SUDO) pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | tail -n1) main start; \
+	  for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; \
+	  pg_isready -h 127.0.0.1 -p 5432; }
+
+lint: $(STAMP)
+	$(BIN)/ruff check pacs_ai tests benchmarks dicom_samples migrations/env.py
+	$(BIN)/ruff format --check pacs_ai tests benchmarks dicom_samples
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP) services
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
+
+test: $(STAMP) services lint typecheck pytest
+
+samples: $(STAMP)
+	$(BIN)/python dicom_samples/make_samples.py
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache
