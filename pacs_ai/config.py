@@ -67,6 +67,9 @@ class DicomSettings(_Section):
     max_pdu_size: Annotated[int, Field(ge=4096, le=16 * 1024 * 1024)] = 262144
     # Largest dataset accepted in one C-STORE (bytes); larger ones are refused mid-stream.
     max_instance_bytes: Annotated[int, Field(ge=1024)] = 2 * 1024**3
+    # Largest decoded image a header may declare (rows x cols x frames x samples x bits/8);
+    # larger ones are refused on receipt (0xC004) as a decompression-bomb guard.
+    max_pixel_bytes: Annotated[int, Field(ge=1024)] = 1024**3
     acse_timeout: PositiveSeconds = 30.0
     dimse_timeout: PositiveSeconds = 60.0
     network_timeout: PositiveSeconds = 60.0

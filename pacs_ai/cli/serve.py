@@ -1,0 +1,29 @@
+"""``pacs-ai serve``: run the gateway."""
+
+from __future__ import annotations
+
+import argparse
+
+from pacs_ai.cli import add_config_arg
+from pacs_ai.config import load_settings
+from pacs_ai.logs import configure_logging
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the DICOM listener, assembly and pipeline until SIGTERM/SIGINT",
+        description="Run the gateway on the given config until SIGTERM or SIGINT. "
+        "The database must be at the latest schema (`pacs-ai db upgrade`).",
+    )
+    add_config_arg(p)
+    p.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pacs_ai.service import Service
+
+    settings = load_settings(args.config)
+    configure_logging(settings.logging)
+    Service(settings).run_forever()
+    return 0

@@ -1,0 +1,369 @@
+"""Database writes of the ingest path: associations, instances, study/series bookkeeping.
+
+``record_instance`` is on the hot path (once per C-STORE, before Success): it runs Core
+statements on a plain connection in one short transaction (the ORM's bulk-update path cost
+several milliseconds per instance) and caches study/series ids per association.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+
+from pacs_ai.db.models import (
+    Association,
+    AuditEvent,
+    Instance,
+    Series,
+    SeriesState,
+    Study,
+    StudyState,
+    utcnow,
+)
+from pacs_ai.errors import DatabaseUnavailable
+from pacs_ai.ingest.spool import StoredFile
+from pacs_ai.ingest.validation import InstanceHeader
+
+
+class RecordOutcome(enum.Enum):
+    NEW = "new"
+    DUPLICATE = "duplicate"  # same SOP Instance UID, same bytes: nothing new
+    CONFLICT = "conflict"  # same SOP Instance UID, different bytes: kept both, flagged
+    LATE = "late"  # new instance for a study that was already ready or further
+
+
+@dataclass
+class AssociationCache:
+    studies: dict[str, int] = field(default_factory=dict)
+    series: dict[str, int] = field(default_factory=dict)
+
+
+def _insert_ignore(conn: Connection, model: type[Any], values: dict[str, Any], key: str) -> None:
+    stmt: Any
+    if conn.dialect.name == "postgresql":
+        stmt = (
+            postgresql.insert(model).values(**values).on_conflict_do_nothing(index_elements=[key])
+        )
+    else:
+        stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing(index_elements=[key])
+    conn.execute(stmt)
+
+
+def write_audit(
+    conn: Connection,
+    actor: str,
+    action: str,
+    outcome: str,
+    object_type: str | None = None,
+    object_id: int | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    conn.execute(
+        insert(AuditEvent).values(
+            at=utcnow(),
+            actor=actor[:64],
+            action=action,
+            outcome=outcome,
+            object_type=object_type,
+            object_id=object_id,
+            detail=json.dumps(detail, sort_keys=True) if detail else None,
+        )
+    )
+
+
+class IngestRecorder:
+    def __init__(self, engine: Engine, clock: Callable[[], dt.datetime] = utcnow) -> None:
+        self._engine = engine
+        self._clock = clock
+
+    # --- associations ------------------------------------------------------------------
+
+    def open_association(self, peer_host: str, peer_port: int, tls: bool) -> int:
+        with self._engine.begin() as s:
+            return int(
+                s.execute(
+                    insert(Association)
+                    .values(
+                        peer_host=peer_host[:64],
+                        peer_port=peer_port,
+                        tls=tls,
+                        accepted=False,
+                        started_at=self._clock(),
+                        instances_stored=0,
+                        instances_failed=0,
+                        bytes_received=0,
+                    )
+                    .returning(Association.id)
+                ).scalar_one()
+            )
+
+    def association_accepted(self, assoc_id: int, calling: str, called: str) -> None:
+        with self._engine.begin() as s:
+            s.execute(
+                update(Association)
+                .where(Association.id == assoc_id)
+                .values(calling_ae=calling[:16], called_ae=called[:16], accepted=True)
+            )
+
+    def association_refused(
+        self, assoc_id: int, calling: str | None, called: str | None, reason: str, action: str
+    ) -> None:
+        """Rejected (A-ASSOCIATE-RJ) or aborted before acceptance (malformed, timeout)."""
+        now = self._clock()
+        with self._engine.begin() as s:
+            s.execute(
+                update(Association)
+                .where(Association.id == assoc_id)
+                .values(
+                    calling_ae=(calling or None) and calling[:16],
+                    called_ae=(called or None) and called[:16],
+                    accepted=False,
+                    reject_reason=reason[:200],
+                    ended_at=now,
+                    end_reason=action,
+                )
+            )
+            write_audit(
+                s,
+                calling or "unknown",
+                f"association_{action}",
+                "refused",
+                "association",
+                assoc_id,
+                {"reason": reason},
+            )
+
+    def close_association(
+        self, assoc_id: int, end_reason: str, stored: int, failed: int, nbytes: int
+    ) -> None:
+        with self._engine.begin() as s:
+            s.execute(
+                update(Association)
+                .where(Association.id == assoc_id)
+                .values(
+                    ended_at=self._clock(),
+                    end_reason=end_reason,
+                    instances_stored=stored,
+                    instances_failed=failed,
+                    bytes_received=nbytes,
+                )
+            )
+            if end_reason != "released":
+                write_audit(
+                    s,
+                    "system",
+                    "association_ended",
+                    "warning",
+                    "association",
+                    assoc_id,
+                    {"end_reason": end_reason, "stored": stored, "failed": failed},
+                )
+
+    def audit(self, actor: str, action: str, outcome: str, **kwargs: Any) -> None:
+        try:
+            with self._engine.begin() as s:
+                write_audit(s, actor, action, outcome, **kwargs)
+        except SQLAlchemyError:
+            pass  # auditing a failure must not raise a second one; the log has it
+
+    # --- instances -----------------------------------------------------------------------
+
+    def record_instance(
+        self,
+        assoc_id: int,
+        calling_ae: str,
+        header: InstanceHeader,
+        stored: StoredFile,
+        transfer_syntax: str,
+        cache: AssociationCache,
+    ) -> RecordOutcome:
+        try:
+            with self._engine.begin() as s:
+                return self._record(s, assoc_id, calling_ae, header, stored, transfer_syntax, cache)
+        except SQLAlchemyError as exc:
+            cache.studies.clear()
+            cache.series.clear()
+            raise DatabaseUnavailable(f"database write failed: {exc.__class__.__name__}") from exc
+
+    def _study_id(
+        self, s: Connection, h: InstanceHeader, now: dt.datetime, cache: AssociationCache
+    ) -> int:
+        sid = cache.studies.get(h.study_uid)
+        if sid is None:
+            sid = s.scalar(select(Study.id).where(Study.study_uid == h.study_uid))
+            if sid is None:
+                _insert_ignore(
+                    s,
+                    Study,
+                    dict(
+                        study_uid=h.study_uid,
+                        patient_id=h.patient_id,
+                        patient_name=h.patient_name,
+                        accession_number=h.accession_number,
+                        study_date=h.study_date,
+                        study_description=h.study_description,
+                        state=StudyState.RECEIVING,
+                        revision=0,
+                        instance_count=0,
+                        first_received_at=now,
+                        last_received_at=now,
+                        state_changed_at=now,
+                    ),
+                    "study_uid",
+                )
+                sid = s.scalar(select(Study.id).where(Study.study_uid == h.study_uid))
+            assert sid is not None
+            cache.studies[h.study_uid] = sid
+        return sid
+
+    def _series_id(
+        self,
+        s: Connection,
+        h: InstanceHeader,
+        study_id: int,
+        now: dt.datetime,
+        cache: AssociationCache,
+    ) -> int:
+        sid = cache.series.get(h.series_uid)
+        if sid is None:
+            sid = s.scalar(select(Series.id).where(Series.series_uid == h.series_uid))
+            if sid is None:
+                _insert_ignore(
+                    s,
+                    Series,
+                    dict(
+                        study_id=study_id,
+                        series_uid=h.series_uid,
+                        modality=h.modality,
+                        body_part=h.body_part,
+                        series_number=h.series_number,
+                        series_description=h.series_description,
+                        state=SeriesState.RECEIVING,
+                        instance_count=0,
+                        last_received_at=now,
+                    ),
+                    "series_uid",
+                )
+                sid = s.scalar(select(Series.id).where(Series.series_uid == h.series_uid))
+            assert sid is not None
+            cache.series[h.series_uid] = sid
+        return sid
+
+    def _record(
+        self,
+        s: Connection,
+        assoc_id: int,
+        calling_ae: str,
+        h: InstanceHeader,
+        stored: StoredFile,
+        transfer_syntax: str,
+        cache: AssociationCache,
+    ) -> RecordOutcome:
+        now = self._clock()
+        study_id = self._study_id(s, h, now, cache)
+        series_id = self._series_id(s, h, study_id, now, cache)
+
+        earlier = s.execute(_SELECT_SAME_SOP, {"sop": h.sop_instance_uid}).all()
+        for inst_id, sha in earlier:
+            if sha == stored.sha256:
+                s.execute(_BUMP_TIMES_RECEIVED, {"row_id": inst_id})
+                return RecordOutcome.DUPLICATE
+
+        conflicts_with = earlier[0][0] if earlier else None
+        inst_id = s.execute(
+            _INSERT_INSTANCE,
+            {
+                "study_id": study_id,
+                "series_id": series_id,
+                "association_id": assoc_id,
+                "sop_instance_uid": h.sop_instance_uid,
+                "sop_class_uid": h.sop_class_uid,
+                "transfer_syntax_uid": transfer_syntax,
+                "instance_number": h.instance_number,
+                "size_bytes": stored.size,
+                "sha256": stored.sha256,
+                "path": stored.relpath,
+                "received_at": now,
+                "conflicts_with_id": conflicts_with,
+                "times_received": 1,
+            },
+        ).scalar_one()
+        s.execute(_TOUCH_SERIES, {"row_id": series_id, "now": now, "assoc": assoc_id})
+        state, revision = s.execute(_TOUCH_STUDY, {"row_id": study_id, "now": now}).one()
+        outcome = RecordOutcome.NEW
+        if conflicts_with is not None:
+            outcome = RecordOutcome.CONFLICT
+            write_audit(
+                s,
+                calling_ae,
+                "instance_conflict",
+                "warning",
+                "instance",
+                inst_id,
+                {"conflicts_with": conflicts_with},
+            )
+        if state != StudyState.RECEIVING:
+            previous = StudyState(state).value
+            s.execute(
+                update(_STUDIES)
+                .where(_STUDIES.c.id == study_id)
+                .values(
+                    state=StudyState.RECEIVING,
+                    revision=revision + 1,
+                    state_changed_at=now,
+                    state_reason=f"late instance after {previous}",
+                )
+            )
+            write_audit(
+                s,
+                calling_ae,
+                "late_instance",
+                "ok",
+                "study",
+                study_id,
+                {"previous_state": previous, "revision": revision + 1},
+            )
+            if outcome is RecordOutcome.NEW:
+                outcome = RecordOutcome.LATE
+        return outcome
+
+
+# Hot-path statements, built once on the tables (not the ORM classes): executing a prebuilt
+# statement with parameters skips per-call statement construction and ORM bookkeeping.
+_STUDIES = cast(Table, Study.__table__)
+_SERIES = cast(Table, Series.__table__)
+_INSTANCES = cast(Table, Instance.__table__)
+_SELECT_SAME_SOP = select(_INSTANCES.c.id, _INSTANCES.c.sha256).where(
+    _INSTANCES.c.sop_instance_uid == bindparam("sop")
+)
+_BUMP_TIMES_RECEIVED = (
+    update(_INSTANCES)
+    .where(_INSTANCES.c.id == bindparam("row_id"))
+    .values(times_received=_INSTANCES.c.times_received + 1)
+)
+_INSERT_INSTANCE = insert(_INSTANCES).returning(_INSTANCES.c.id)
+_TOUCH_SERIES = (
+    update(_SERIES)
+    .where(_SERIES.c.id == bindparam("row_id"))
+    .values(
+        instance_count=_SERIES.c.instance_count + 1,
+        last_received_at=bindparam("now"),
+        last_association_id=bindparam("assoc"),
+        state=SeriesState.RECEIVING,
+        completed_at=None,
+    )
+)
+_TOUCH_STUDY = (
+    update(_STUDIES)
+    .where(_STUDIES.c.id == bindparam("row_id"))
+    .values(instance_count=_STUDIES.c.instance_count + 1, last_received_at=bindparam("now"))
+    .returning(_STUDIES.c.state, _STUDIES.c.revision)
+)

@@ -1,0 +1,73 @@
+"""Start-up reconciliation of the spool with the database.
+
+After a crash (even ``kill -9``) every instance that was answered with Success has its file
+in ``objects/`` and its row in ``instances``; what else may be found is handled here:
+
+- files in ``tmp/``: never acknowledged; removed;
+- files in ``objects/`` without a row (crash between rename and commit): moved to
+  ``quarantine/``, audited, never deleted;
+- rows whose file is missing: audited as errors (should not happen; an admin must look);
+- associations left open: closed with end reason ``interrupted``, so their X-ray series can
+  complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, select, update
+
+from pacs_ai.db.models import Association, Instance, utcnow
+from pacs_ai.ingest.recorder import write_audit
+from pacs_ai.ingest.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    partial_removed: int
+    orphans_quarantined: int
+    missing_files: int
+    associations_closed: int
+
+
+def recover(spool: Spool, engine: Engine) -> RecoveryReport:
+    partial = spool.prepare()
+    with engine.begin() as s:
+        known = set(s.scalars(select(Instance.path)).all())
+        orphans = 0
+        for path in spool.iter_objects():
+            rel = str(path.relative_to(spool.root))
+            if rel not in known:
+                dest = spool.quarantine(path)
+                orphans += 1
+                write_audit(
+                    s, "system", "orphan_quarantined", "warning", detail={"file": dest.name}
+                )
+        missing = 0
+        for inst_id, rel in s.execute(select(Instance.id, Instance.path)):
+            if not (spool.root / rel).is_file():
+                missing += 1
+                write_audit(s, "system", "instance_file_missing", "error", "instance", inst_id)
+        closed = len(
+            s.scalars(
+                update(Association)
+                .where(Association.ended_at.is_(None))
+                .values(ended_at=utcnow(), end_reason="interrupted")
+                .returning(Association.id)
+            ).all()
+        )
+        report = RecoveryReport(partial, orphans, missing, closed)
+        if partial or orphans or missing or closed:
+            write_audit(s, "system", "recovery", "warning", detail=report.__dict__)
+    log.info(
+        "recovery: %d partial files removed, %d orphans quarantined, %d files missing, "
+        "%d interrupted associations closed",
+        partial,
+        orphans,
+        missing,
+        report.associations_closed,
+    )
+    return report
