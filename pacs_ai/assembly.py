@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 from collections.abc import Callable
 
 from sqlalchemy import Engine, and_, exists, select, update
@@ -43,9 +44,14 @@ class Assembler:
         self._settings = settings
         self._on_ready = on_ready
         self._clock = clock
+        self._lock = threading.Lock()
 
     def sweep(self) -> list[int]:
         """Complete what is due; returns the ids of studies that became ready."""
+        with self._lock:  # periodic and on-demand sweeps never overlap in one process
+            return self._sweep()
+
+    def _sweep(self) -> list[int]:
         now = self._clock()
         grace = dt.timedelta(seconds=self._settings.xray_grace_seconds)
         quiet = dt.timedelta(seconds=self._settings.ct_quiet_seconds)

@@ -31,14 +31,15 @@ class Scheduler:
             misfire_grace_time=None,
         )
 
-    def wake(self, job_id: str, delay: float = 0.0) -> None:
-        """Run ``job_id`` in ``delay`` seconds unless it is due sooner anyway."""
-        job = self._sched.get_job(job_id)
-        if job is None:
-            return
-        when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
-        if job.next_run_time is None or job.next_run_time > when:
-            job.modify(next_run_time=when)
+    def once(self, job_id: str, delay: float, func: Callable[[], object]) -> None:
+        """Run ``func`` once, ``delay`` seconds from now (e.g. a sweep exactly when an X-ray's
+        grace period ends, rather than at the next periodic tick)."""
+        self._sched.add_job(
+            _guarded(job_id, func),
+            "date",
+            run_date=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay),
+            misfire_grace_time=None,
+        )
 
     def start(self) -> None:
         self._sched.start()

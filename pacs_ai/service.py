@@ -38,7 +38,9 @@ class Service:
         self._stopped = threading.Event()
 
     def _association_ended(self, _assoc_id: int) -> None:
-        self.scheduler.wake(ASSEMBLY_JOB, self.settings.assembly.xray_grace_seconds)
+        # Slightly after the grace period ends, so the sweep finds the series due.
+        delay = self.settings.assembly.xray_grace_seconds + 0.02
+        self.scheduler.once(ASSEMBLY_JOB, delay, self.assembler.sweep)
 
     def check_schema(self) -> None:
         cur, head = current_revision(self.engine), head_revision()

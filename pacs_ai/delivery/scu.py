@@ -1,0 +1,203 @@
+"""C-STORE SCU: send DICOM objects to a peer and report the status of every one.
+
+Used by ``pacs-ai send`` and by the delivery outbox. One association per batch (at most 128
+presentation contexts each); every C-STORE-RSP status is returned, never summarised away.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+
+log = logging.getLogger(__name__)
+
+_MAX_CONTEXTS = 128
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+@dataclass(frozen=True)
+class Peer:
+    host: str
+    port: int
+    called_ae: str
+    calling_ae: str
+    tls: ssl.SSLContext | None = None
+    tls_hostname: str | None = None
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class SendResult:
+    item: str  # the file path or a caller-chosen label
+    sop_instance_uid: str | None
+    status: int | None  # C-STORE-RSP status; None when no response was received
+    error: str | None = None  # why there is no response (rejected, aborted, unreadable file)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0x0000
+
+    @property
+    def category(self) -> str:
+        if self.status is None:
+            return "error"
+        if self.status == 0x0000:
+            return "success"
+        if self.status in (0x0001, 0x0107, 0x0116) or self.status & 0xF000 == 0xB000:
+            return "warning"
+        return "failure"
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One object to send: a dataset (or a file to read) and a label for reporting."""
+
+    label: str
+    path: Path | None = None
+    dataset: Dataset | None = None
+
+    def load(self) -> Dataset:
+        if self.dataset is not None:
+            return self.dataset
+        assert self.path is not None
+        return pydicom.dcmread(self.path)
+
+
+def collect_files(paths: Iterable[Path]) -> list[Path]:
+    """Files given directly, plus every regular file under given folders (sorted)."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.is_file()))
+        else:
+            out.append(p)
+    return out
+
+
+def _contexts_for(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]]]:
+    pairs: dict[tuple[str, str], None] = {}
+    for ds in datasets:
+        pairs[(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))] = None
+    contexts: list[tuple[str, list[str]]] = []
+    for sop, ts in pairs:
+        if UID(ts).is_compressed:
+            contexts.append((sop, [ts]))
+        else:
+            contexts.append((sop, [ts, *(t for t in _UNCOMPRESSED if t != ts)]))
+    return contexts
+
+
+def _batches(items: Sequence[tuple[Outgoing, Dataset]]) -> list[list[tuple[Outgoing, Dataset]]]:
+    """Split so that each association needs at most 128 presentation contexts."""
+    batches: list[list[tuple[Outgoing, Dataset]]] = []
+    current: list[tuple[Outgoing, Dataset]] = []
+    seen: set[tuple[str, str]] = set()
+    for item in items:
+        ds = item[1]
+        key = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        if key not in seen and len(seen) >= _MAX_CONTEXTS:
+            batches.append(current)
+            current, seen = [], set()
+        seen.add(key)
+        current.append(item)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _associate(peer: Peer, contexts: list[tuple[str, list[str]]]) -> Association:
+    ae = AE(ae_title=peer.calling_ae)
+    ae.acse_timeout = peer.acse_timeout
+    ae.dimse_timeout = peer.dimse_timeout
+    ae.network_timeout = peer.network_timeout
+    for sop, syntaxes in contexts:
+        ae.add_requested_context(sop, syntaxes)
+    tls_args = (peer.tls, peer.tls_hostname or peer.host) if peer.tls is not None else None
+    return ae.associate(peer.host, peer.port, ae_title=peer.called_ae, tls_args=tls_args)
+
+
+def _why_not_established(assoc: Association) -> str:
+    if assoc.is_rejected:
+        rsp = assoc.acceptor.primitive
+        if rsp is not None:
+            return (
+                f"association rejected ({rsp.result},{rsp.result_source},{rsp.diagnostic}): "
+                f"{rsp.reason_str}"
+            )
+        return "association rejected"
+    if assoc.is_aborted:
+        return "association aborted by the peer"
+    return "could not connect or associate"
+
+
+def send(
+    peer: Peer,
+    items: Sequence[Outgoing],
+    progress: Callable[[SendResult], None] | None = None,
+) -> list[SendResult]:
+    """Send ``items``; returns one result per item, in order."""
+    results: dict[int, SendResult] = {}
+    loaded: list[tuple[int, Outgoing, Dataset]] = []
+    for idx, item in enumerate(items):
+        try:
+            loaded.append((idx, item, item.load()))
+        except Exception as exc:  # unreadable or non-DICOM file
+            results[idx] = SendResult(item.label, None, None, f"not readable as DICOM: {exc}")
+            if progress:
+                progress(results[idx])
+    index_of = {id(item): idx for idx, item, _ in loaded}
+    for batch in _batches([(item, ds) for _, item, ds in loaded]):
+        datasets = [ds for _, ds in batch]
+        assoc = _associate(peer, _contexts_for(datasets))
+        if not assoc.is_established:
+            why = _why_not_established(assoc)
+            for item, ds in batch:
+                res = SendResult(item.label, str(ds.get("SOPInstanceUID", "")), None, why)
+                results[index_of[id(item)]] = res
+                if progress:
+                    progress(res)
+            continue
+        try:
+            for item, ds in batch:
+                res = _store_one(assoc, item, ds)
+                results[index_of[id(item)]] = res
+                if progress:
+                    progress(res)
+                if not assoc.is_established:
+                    break
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        for item, ds in batch:  # left unsent because the association dropped
+            idx = index_of[id(item)]
+            if idx not in results:
+                results[idx] = SendResult(
+                    item.label, str(ds.get("SOPInstanceUID", "")), None, "association lost"
+                )
+                if progress:
+                    progress(results[idx])
+    return [results[i] for i in range(len(items))]
+
+
+def _store_one(assoc: Association, item: Outgoing, ds: Dataset) -> SendResult:
+    sop_uid = str(ds.get("SOPInstanceUID", ""))
+    try:
+        rsp = assoc.send_c_store(ds)
+    except (ValueError, AttributeError, RuntimeError) as exc:
+        return SendResult(item.label, sop_uid, None, f"not sent: {exc}")
+    status = rsp.get("Status") if rsp else None
+    if status is None:
+        return SendResult(item.label, sop_uid, None, "no response (timeout or abort)")
+    comment = rsp.get("ErrorComment")
+    return SendResult(item.label, sop_uid, int(status), str(comment) if comment else None)
