@@ -1,0 +1,275 @@
+"""C-STORE/C-ECHO over real associations on loopback: pynetdicom as the peer, plus a raw
+peer for what pynetdicom will not send. Covers the bad-input table of DESIGN.md §4."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import RLELossless, generate_uid
+from sqlalchemy import func, select
+
+from pacs_ai.db.models import (
+    Association,
+    AuditEvent,
+    Instance,
+    Series,
+    SeriesState,
+    Study,
+    StudyState,
+)
+from pacs_ai.delivery.scu import Outgoing, Peer, send
+from pacs_ai.service import Service
+from tests.conftest import SCU_AE, ct_datasets, dx_dataset
+from tests.integration.conftest import ServiceFactory
+from tests.integration.rawpeer import EXPLICIT_LE, Accepted, RawPeer, Rejected, encode_dataset
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def peer(svc: Service, calling: str = SCU_AE, called: str = "PACS_AI") -> Peer:
+    return Peer("127.0.0.1", svc.server.port, called_ae=called, calling_ae=calling)
+
+
+def store(svc: Service, datasets: list[pydicom.Dataset], calling: str = SCU_AE) -> list[int | None]:
+    items = [Outgoing(label=str(i), dataset=ds) for i, ds in enumerate(datasets)]
+    return [r.status for r in send(peer(svc, calling), items)]
+
+
+def count(svc: Service, model: type) -> int:
+    with svc.engine.connect() as c:
+        return int(c.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_ct_series_stored_durably_and_recorded(start_service: ServiceFactory, db_url: str) -> None:
+    svc = start_service(db_url)
+    series = ct_datasets(12)
+    assert store(svc, series) == [0] * 12
+    with svc.engine.connect() as c:
+        rows = c.execute(select(Instance.sop_instance_uid, Instance.sha256, Instance.path)).all()
+        assoc = c.execute(select(Association)).one()
+    assert {r.sop_instance_uid for r in rows} == {ds.SOPInstanceUID for ds in series}
+    for r in rows:
+        path = svc.spool.root / r.path
+        stored = pydicom.dcmread(path)
+        # The dataset is stored as received; the name is its hash, never a UID.
+        assert r.sha256 in path.name and stored.SOPInstanceUID not in str(path)
+        assert stored.file_meta.SourceApplicationEntityTitle == SCU_AE
+        header_len = len(path.read_bytes()) - stored_dataset_len(path)
+        assert hashlib.sha256(path.read_bytes()[header_len:]).hexdigest() == r.sha256
+    assert assoc.accepted and assoc.calling_ae == SCU_AE
+    wait_for(lambda: _ended(svc))
+    assert list((svc.spool.root / "tmp").iterdir()) == []
+
+
+def stored_dataset_len(path: Path) -> int:
+    data = path.read_bytes()
+    group_len = int.from_bytes(data[140:144], "little")
+    return len(data) - (144 + group_len)
+
+
+def _ended(svc: Service) -> bool:
+    with svc.engine.connect() as c:
+        return c.scalar(select(Association.ended_at)) is not None
+
+
+def test_echo_and_assembly_states(start_service: ServiceFactory, db_url: str) -> None:
+    svc = start_service(db_url)
+    dx = dx_dataset()
+    ct = ct_datasets(4)
+    assert store(svc, [dx, *ct]) == [0] * 5
+
+    def state(uid: str) -> str:
+        with svc.engine.connect() as c:
+            return str(c.scalar(select(Study.state).where(Study.study_uid == uid)))
+
+    # X-ray: ready shortly after release (grace 0.2 s); CT: after its quiet timer (1 s).
+    wait_for(lambda: state(dx.StudyInstanceUID) == StudyState.READY, timeout=3)
+    wait_for(lambda: state(ct[0].StudyInstanceUID) == StudyState.READY, timeout=5)
+    with svc.engine.connect() as c:
+        assert c.scalar(select(func.count()).where(Series.state == SeriesState.COMPLETE)) == 2
+
+    # A late instance returns the study to receiving with a new revision, then ready again.
+    late = ct_datasets(1, seed=9, study=_study_of(ct[0]), series_uid=ct[0].SeriesInstanceUID)
+    assert store(svc, late) == [0]
+    with svc.engine.connect() as c:
+        study = c.execute(select(Study).where(Study.study_uid == ct[0].StudyInstanceUID)).one()
+    assert study.revision == 1
+    wait_for(lambda: state(ct[0].StudyInstanceUID) == StudyState.READY, timeout=5)
+
+
+def _study_of(ds: pydicom.Dataset):  # type: ignore[no-untyped-def]
+    from pacs_ai.training.dicomwriter import StudyInfo
+
+    return StudyInfo(study_uid=ds.StudyInstanceUID)
+
+
+def test_duplicates_same_bytes_and_conflicts(start_service: ServiceFactory, db_url: str) -> None:
+    svc = start_service(db_url)
+    ds = dx_dataset()
+    assert store(svc, [ds]) == [0]
+    assert store(svc, [ds]) == [0]  # same instance, same bytes: Success, nothing new
+    assert count(svc, Instance) == 1
+    with svc.engine.connect() as c:
+        assert c.scalar(select(Instance.times_received)) == 2
+
+    changed = dx_dataset(seed=5)
+    changed.SOPInstanceUID = ds.SOPInstanceUID
+    changed.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    assert store(svc, [changed]) == [0]  # different bytes: kept both, flagged
+    with svc.engine.connect() as c:
+        rows = c.execute(select(Instance.id, Instance.conflicts_with_id, Instance.path)).all()
+        events = c.scalars(select(AuditEvent.action)).all()
+    assert len(rows) == 2 and rows[1].conflicts_with_id == rows[0].id
+    assert rows[0].path != rows[1].path
+    assert "instance_conflict" in events
+
+
+def test_compressed_transfer_syntax_stored_unchanged(start_service: ServiceFactory) -> None:
+    svc = start_service()
+    ds = dx_dataset(size=128)
+    ds.compress(RLELossless)
+    assert store(svc, [ds]) == [0]
+    with svc.engine.connect() as c:
+        row = c.execute(select(Instance.transfer_syntax_uid, Instance.path)).one()
+    assert row.transfer_syntax_uid == RLELossless
+    stored = pydicom.dcmread(svc.spool.root / row.path)
+    assert stored.PixelData == ds.PixelData
+
+
+def _raw(svc: Service, calling: str = SCU_AE) -> tuple[RawPeer, int]:
+    raw = RawPeer("127.0.0.1", svc.server.port)
+    result = raw.associate(calling, contexts=[(CT, [EXPLICIT_LE])])
+    assert isinstance(result, Accepted)
+    return raw, next(iter(result.contexts))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "status"),
+    [
+        ("uid_mismatch", 0xA900),
+        ("hostile_uid", 0xC001),
+        ("missing_study_uid", 0xC002),
+        ("missing_modality", 0xC002),
+        ("short_pixels", 0xC003),
+        ("absurd_dimensions", 0xC004),
+        ("truncated", 0xC003),
+        ("garbage", 0xC000),
+    ],
+)
+def test_bad_datasets_refused_nothing_kept(
+    start_service: ServiceFactory, mutate: str, status: int
+) -> None:
+    svc = start_service()
+    ds = ct_datasets(1)[0]
+    sop_class, sop_uid = CT, ds.SOPInstanceUID
+    if mutate == "uid_mismatch":
+        sop_uid = generate_uid()
+    elif mutate == "hostile_uid":
+        ds.SOPInstanceUID = sop_uid = "../../etc/passwd"
+    elif mutate == "missing_study_uid":
+        del ds.StudyInstanceUID
+    elif mutate == "missing_modality":
+        ds.Modality = ""
+    elif mutate == "short_pixels":
+        ds.PixelData = ds.PixelData[:1000]
+    elif mutate == "absurd_dimensions":
+        ds.Rows = ds.Columns = 65535
+        ds.NumberOfFrames = 1000
+    data = encode_dataset(ds)
+    if mutate == "truncated":
+        data = data[: len(data) - 2000]
+    elif mutate == "garbage":
+        data = b"\x08\x00\x05\x00CS\xff\xff" + bytes(range(256)) * 4
+    raw, cx = _raw(svc)
+    assert raw.c_store(cx, sop_class, sop_uid, data) == status
+    # The association survives a refused instance: a good one follows.
+    good = ct_datasets(1, seed=3)[0]
+    assert raw.c_store(cx, CT, good.SOPInstanceUID, encode_dataset(good)) == 0
+    assert raw.release()
+    raw.close()
+    assert count(svc, Instance) == 1
+    assert list((svc.spool.root / "tmp").iterdir()) == []
+    objects = list((svc.spool.root / "objects").rglob("*.dcm"))
+    assert len(objects) == 1 and ".." not in str(objects[0])
+    with svc.engine.connect() as c:
+        refused = c.scalars(
+            select(AuditEvent.detail).where(AuditEvent.action == "instance_refused")
+        ).all()
+    assert len(refused) == 1 and f"0x{status:04X}" in refused[0]
+
+
+def test_association_policy(start_service: ServiceFactory) -> None:
+    svc = start_service(dicom={"max_associations": 1})
+    port = svc.server.port
+
+    unknown = RawPeer("127.0.0.1", port).associate("INTRUDER", contexts=[(CT, [EXPLICIT_LE])])
+    assert unknown == Rejected(1, 1, 3)
+    wrong_called = RawPeer("127.0.0.1", port).associate(
+        SCU_AE, called="NOT_US", contexts=[(CT, [EXPLICIT_LE])]
+    )
+    assert wrong_called == Rejected(1, 1, 7)
+    # Allowed AE title, but from another address than the allowlist binds it to.
+    other_host = RawPeer("127.0.0.1", port, bind="127.0.0.2").associate(
+        SCU_AE, contexts=[(CT, [EXPLICIT_LE])]
+    )
+    assert other_host == Rejected(1, 1, 3)
+
+    # Unsupported abstract syntax (worklist FIND): that context is rejected, CT accepted.
+    mixed = RawPeer("127.0.0.1", port)
+    result = mixed.associate(
+        SCU_AE, contexts=[("1.2.840.10008.5.1.4.31", [EXPLICIT_LE]), (CT, [EXPLICIT_LE])]
+    )
+    assert isinstance(result, Accepted)
+    assert list(result.contexts) == [3]  # context ids 1 (FIND) and 3 (CT) were proposed
+
+    # The cap is 1 and `mixed` holds it: the next association is refused (2,3,2).
+    assert RawPeer("127.0.0.1", port).associate(SCU_AE, contexts=[(CT, [EXPLICIT_LE])]) == (
+        Rejected(2, 3, 2)
+    )
+    assert mixed.release()
+    mixed.close()
+    wait_for(lambda: svc.server.active_associations() == 0)
+    with svc.engine.connect() as c:
+        reasons = c.scalars(select(Association.reject_reason).where(~Association.accepted)).all()
+    assert len(reasons) == 4 and all(reasons)
+
+
+def test_disk_watermark(start_service: ServiceFactory) -> None:
+    svc = start_service()
+    raw, cx = _raw(svc)
+    svc.spool.min_free_bytes = svc.spool.free_bytes() * 2  # disk "fills up" mid-association
+    ds = ct_datasets(1)[0]
+    assert raw.c_store(cx, CT, ds.SOPInstanceUID, encode_dataset(ds)) == 0xA700
+    raw.release()
+    assert RawPeer("127.0.0.1", svc.server.port).associate(
+        SCU_AE, contexts=[(CT, [EXPLICIT_LE])]
+    ) == Rejected(2, 3, 2)
+    assert count(svc, Instance) == 0
+
+
+def test_database_down_is_out_of_resources(start_service: ServiceFactory, tmp_path: Path) -> None:
+    svc = start_service()
+    raw, cx = _raw(svc)
+    # Break the instances table from under the running service.
+    with svc.engine.begin() as c:
+        c.exec_driver_sql("ALTER TABLE instances RENAME TO instances_gone")
+    ds = ct_datasets(1)[0]
+    assert raw.c_store(cx, CT, ds.SOPInstanceUID, encode_dataset(ds)) == 0xA702
+    raw.release()
+    with svc.engine.begin() as c:
+        c.exec_driver_sql("ALTER TABLE instances_gone RENAME TO instances")
+    # The file written before the failed commit was removed again: nothing half-recorded.
+    assert list((svc.spool.root / "objects").rglob("*.dcm")) == []
