@@ -65,6 +65,21 @@ def evidence(req: ReportRequest) -> list[Dataset]:
     return out
 
 
+def character_set(req: ReportRequest) -> str | list[str] | None:
+    """The source's Specific Character Set, or UTF-8 when our own text needs more than ASCII.
+
+    Patient and study attributes come from the source (pydicom decoded them), so UTF-8 can
+    always hold them too; ASCII text fits every character set.
+    """
+    algo = req.algorithm
+    ours = [algo.name, algo.version, algo.manufacturer, *algo.parameters, *algo.parameters.values()]
+    ours += [f.code.meaning for f in req.findings] + [f.label for f in req.findings]
+    if all(text.isascii() for text in ours):
+        value = req.sources[0].get("SpecificCharacterSet")
+        return None if value is None else (list(value) if not isinstance(value, str) else value)
+    return "ISO_IR 192"
+
+
 def series_description(req: ReportRequest, what: str) -> str:
     """SeriesDescription (LO, 64): the demo marker first, so truncation never drops it."""
     text = f"AI {what} {req.algorithm.name} {req.algorithm.version}"

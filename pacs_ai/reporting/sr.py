@@ -135,4 +135,5 @@ def build_sr(req: ReportRequest) -> Dataset:
         series_description=_common.series_description(req, "result"),
         manufacturer_model_name=algo.name,
         software_versions=algo.version,
+        specific_character_set=_common.character_set(req),
     )

@@ -153,6 +153,7 @@ def build_summary_image(req: ReportRequest) -> Dataset:
         series_description=_common.series_description(req, "summary"),
         manufacturer_model_name=algo.name,
         software_versions=algo.version,
+        specific_character_set=_common.character_set(req),
     )
     if not known:
         sc.PatientOrientation = []  # Type 2: unknown rather than guessed

@@ -89,4 +89,5 @@ def build_text_sr(req: ReportRequest) -> Dataset:
         series_description=_common.series_description(req, "text"),
         manufacturer_model_name=algo.name,
         software_versions=algo.version,
+        specific_character_set=_common.character_set(req),
     )
