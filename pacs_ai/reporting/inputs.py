@@ -154,6 +154,13 @@ class ReportRequest:
         labels = [f.label for f in self.findings]
         if len(set(labels)) != len(labels):
             raise InvalidReportRequest("finding labels must be unique")
+        for finding in self.findings:
+            stated = self.algorithm.parameters.get(f"threshold {finding.label}")
+            if stated is not None and not _same_number(stated, finding.threshold):
+                raise InvalidReportRequest(
+                    f"{finding.label}: threshold {finding.threshold} differs from the algorithm "
+                    f"parameter {stated!r}"
+                )
         if self.study_revision < 0:
             raise InvalidReportRequest("study_revision must be >= 0")
         if self.predecessor is not None and self.predecessor.study_uid != study_uid:
@@ -168,6 +175,13 @@ class ReportRequest:
     @property
     def study_uid(self) -> str:
         return str(self.sources[0].StudyInstanceUID)
+
+
+def _same_number(text: str, value: float) -> bool:
+    try:
+        return abs(float(text) - float(value)) <= 1e-9
+    except ValueError:
+        return False
 
 
 def _check_image(what: str, image: np.ndarray | None) -> None:

@@ -43,13 +43,14 @@ from pacs_ai.reporting.inputs import Code as InputCode
 from pacs_ai.reporting.inputs import FindingResult, ReportRequest
 from pacs_ai.reporting.uids import derived_uid, report_series_uid, report_uid
 
+_IMAGING_MEASUREMENTS = Code("126010", "DCM", "Imaging Measurements")
+
 
 def _code(code: InputCode) -> Code:
     return Code(code.value, code.scheme, code.meaning)
 
 
 def _group(
-    req: ReportRequest,
     finding: FindingResult,
     algorithm: AlgorithmIdentification,
     source_images: list[SourceImageForMeasurementGroup],
@@ -109,13 +110,12 @@ def build_sr(req: ReportRequest) -> Dataset:
     report = MeasurementReport(
         observation_context=_common.observation_context(req),
         procedure_reported=codes.procedure_for_modality(str(req.sources[0].get("Modality", ""))),
-        imaging_measurements=[
-            _group(req, f, algorithm, source_images, sop_uid) for f in req.findings
-        ],
+        imaging_measurements=[_group(f, algorithm, source_images, sop_uid) for f in req.findings],
     )
     items = report[0].ContentSequence
     # TID 1500 order: ... procedure reported, image library, imaging measurements, ...
-    items.insert(len(items) - 1, image_library(req.sources))
+    measurements = next(i for i, item in enumerate(items) if item.name == _IMAGING_MEASUREMENTS)
+    items.insert(measurements, image_library(req.sources))
     if algo.demo:
         items.append(_demo_container())
     return sr_document(

@@ -58,7 +58,9 @@ def _findings_section(req: ReportRequest) -> ContainerContentItem:
     items.append(_text(codes.ALGORITHM_NAME, algo.name))
     items.append(_text(codes.ALGORITHM_VERSION, algo.version))
     items.extend(_text(codes.ALGORITHM_PARAMETERS, p) for p in _common.algorithm_parameters(req))
-    section = ContainerContentItem(name=codes.FINDINGS_SECTION, relationship_type=_CONTAINS)
+    section = ContainerContentItem(
+        name=codes.FINDINGS_SECTION, is_content_continuous=False, relationship_type=_CONTAINS
+    )
     section.ContentSequence = ContentSequence(items)
     return section
 
@@ -66,7 +68,9 @@ def _findings_section(req: ReportRequest) -> ContainerContentItem:
 def build_text_sr(req: ReportRequest) -> Dataset:
     """The Basic Text SR for ``req`` (deterministic UIDs, UNVERIFIED)."""
     algo = req.algorithm
-    root = ContainerContentItem(name=codes.DIAGNOSTIC_IMAGING_REPORT, template_id="2000")
+    root = ContainerContentItem(
+        name=codes.DIAGNOSTIC_IMAGING_REPORT, is_content_continuous=False, template_id="2000"
+    )
     root.ContentSequence = ContentSequence()
     root.ContentSequence.extend(LanguageOfContentItemAndDescendants(_ENGLISH))
     root.ContentSequence.extend(_common.observation_context(req))

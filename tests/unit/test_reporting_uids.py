@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from pacs_ai.logs import quiet_third_party
 from pacs_ai.reporting import (
     AlgorithmInfo,
     Code,
@@ -21,6 +23,8 @@ from pacs_ai.reporting import (
     PriorReport,
     ReportRequest,
     build_sr,
+    build_summary_image,
+    build_text_sr,
     report_series_uid,
     report_uid,
     write_object,
@@ -132,6 +136,9 @@ def test_bad_requests_are_refused(ct: list[Dataset]) -> None:
         "duplicate source": {"sources": [ct[0], ct[0]]},
         "duplicate label": {"findings": [FINDING, FINDING]},
         "negative revision": {"study_revision": -1},
+        "threshold contradicts parameters": {
+            "algorithm": dataclasses.replace(ALGO, parameters={"threshold covid19": "0.5"})
+        },
         "heatmap without image": {"heatmap": image},
         "heatmap shape": {"display_image": image, "heatmap": np.zeros((4, 5), np.float32)},
         "nan image": {"display_image": np.full((4, 4), np.nan, np.float32)},
@@ -181,3 +188,25 @@ def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises((AttributeError, ValueError)):
         write_object(ds, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_no_phi_or_raw_uids_in_logs(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    patient = dicomwriter.Patient(name="Secret^Person", patient_id="PHI-12345")
+    sources = dicomwriter.ct_series(np.zeros((2, 8, 8)), patient=patient)
+    image = np.zeros((16, 16), np.float32)
+    req = ReportRequest(sources, [FINDING], ALGO, display_image=image, heatmap=image)
+    # Production logging (pacs_ai.logs) keeps highdicom at WARNING: it logs source UIDs at INFO.
+    third_party = logging.getLogger("highdicom")
+    saved = third_party.level
+    quiet_third_party()
+    try:
+        caplog.set_level(logging.DEBUG)
+        built = [build_sr(req), build_text_sr(req), build_summary_image(req)]
+        for ds in built:
+            write_object(ds, tmp_path)
+    finally:
+        third_party.setLevel(saved)
+    assert "wrote report object" in caplog.text  # the check below looks at real log output
+    secrets = {patient.name, patient.patient_id, str(sources[0].StudyInstanceUID)}
+    secrets |= {str(ds.SOPInstanceUID) for ds in [*sources, *built]}
+    assert not [s for s in secrets if s in caplog.text]
