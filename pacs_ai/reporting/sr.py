@@ -1,0 +1,139 @@
+"""The main result object: Comprehensive 3D SR, TID 1500 Measurement Report (highdicom).
+
+Content tree (``dsrdump`` shows it; docs/reporting.md has an example)::
+
+    Imaging Measurement Report (TID 1500)
+      Language, observation context: the algorithm as device observer (TID 1001/1004)
+      Procedure reported: chest X-ray / CT of chest
+      Image Library: one entry per source image (TID 1600)
+      Imaging Measurements
+        Measurement Group per finding (TID 1501)
+          Tracking identifier/UID, Finding (the finding code)
+          Algorithm identification (TID 4019: name, version, parameters incl. thresholds)
+          Source images used (every source image)
+          Probability  NUM 0..1 {no units}
+          Threshold Value  NUM 0..1 {no units}
+          <finding code> = Present | Absent   (qualitative evaluation)
+      Qualitative Evaluations: TEXT "DEMO - NOT FOR CLINICAL USE ..."   (demo models only)
+"""
+
+from __future__ import annotations
+
+from highdicom.sr import (
+    AlgorithmIdentification,
+    Comprehensive3DSR,
+    ContainerContentItem,
+    ContentSequence,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    QualitativeEvaluation,
+    RelationshipTypeValues,
+    SourceImageForMeasurementGroup,
+    TextContentItem,
+    TrackingIdentifier,
+)
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+
+from pacs_ai.reporting import _common, codes
+from pacs_ai.reporting._document import sr_document
+from pacs_ai.reporting._library import image_library
+from pacs_ai.reporting.inputs import Code as InputCode
+from pacs_ai.reporting.inputs import FindingResult, ReportRequest
+from pacs_ai.reporting.uids import derived_uid, report_series_uid, report_uid
+
+_IMAGING_MEASUREMENTS = Code("126010", "DCM", "Imaging Measurements")
+
+
+def _code(code: InputCode) -> Code:
+    return Code(code.value, code.scheme, code.meaning)
+
+
+def _group(
+    finding: FindingResult,
+    algorithm: AlgorithmIdentification,
+    source_images: list[SourceImageForMeasurementGroup],
+    sop_uid: str,
+) -> MeasurementsAndQualitativeEvaluations:
+    finding_code = _code(finding.code)
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=derived_uid(sop_uid, "finding", finding.label),
+            identifier=finding.label,
+        ),
+        finding_type=finding_code,
+        algorithm_id=algorithm,
+        source_images=source_images,
+        measurements=[
+            Measurement(codes.PROBABILITY, float(finding.probability), codes.UNITLESS),
+            Measurement(codes.THRESHOLD, float(finding.threshold), codes.UNITLESS),
+        ],
+        qualitative_evaluations=[
+            QualitativeEvaluation(finding_code, codes.PRESENT if finding.present else codes.ABSENT)
+        ],
+    )
+
+
+def _demo_container() -> ContainerContentItem:
+    # TID 1500 row "Qualitative Evaluations" (CONTAINER) > TEXT: visible in every SR viewer.
+    container = ContainerContentItem(
+        name=codes.QUALITATIVE_EVALUATIONS,
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = ContentSequence(
+        [
+            TextContentItem(
+                name=codes.COMMENT,
+                value=_common.DEMO_STATEMENT,
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            )
+        ]
+    )
+    return container
+
+
+def build_sr(req: ReportRequest) -> Dataset:
+    """The TID 1500 Comprehensive 3D SR for ``req`` (deterministic UIDs, UNVERIFIED)."""
+    algo = req.algorithm
+    sop_uid = report_uid(req, "sr")
+    algorithm = AlgorithmIdentification(
+        name=algo.name,
+        version=algo.version,
+        parameters=_common.algorithm_parameters(req),
+        manufacturer=algo.manufacturer,
+    )
+    source_images = [
+        SourceImageForMeasurementGroup(str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+        for ds in req.sources
+    ]
+    report = MeasurementReport(
+        observation_context=_common.observation_context(req),
+        procedure_reported=codes.procedure_for_modality(str(req.sources[0].get("Modality", ""))),
+        imaging_measurements=[_group(f, algorithm, source_images, sop_uid) for f in req.findings],
+    )
+    items = report[0].ContentSequence
+    # TID 1500 order: ... procedure reported, image library, imaging measurements, ...
+    measurements = next(i for i, item in enumerate(items) if item.name == _IMAGING_MEASUREMENTS)
+    items.insert(measurements, image_library(req.sources))
+    if algo.demo:
+        items.append(_demo_container())
+    return sr_document(
+        Comprehensive3DSR,
+        report,
+        evidence=_common.evidence(req),
+        series_instance_uid=report_series_uid(req, "sr"),
+        series_number=_common.SERIES_NUMBER["sr"],
+        sop_instance_uid=sop_uid,
+        instance_number=req.study_revision + 1,
+        manufacturer=algo.manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        previous_versions=_common.predecessors(req),
+        contributing_equipment=_common.contributing_equipment(req),
+        series_description=_common.series_description(req, "result"),
+        manufacturer_model_name=algo.name,
+        software_versions=algo.version,
+        specific_character_set=_common.character_set(req),
+    )
