@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,16 @@ POSTGRES_URL = os.environ.get(
     "PACS_AI_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 SCU_AE = "TEST_SCU"
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
+    """Poll ``predicate`` until it is truthy (bounded in time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not met within {timeout} s: {what or predicate}")
 
 
 def free_port() -> int:
@@ -87,8 +98,11 @@ def make_settings(tmp_path: Path, db_url: str, **sections: dict[str, Any]) -> Se
         },
         "storage": {"path": str(tmp_path / "spool"), "min_free_mb": 1},
         "database": {"url": db_url},
-        "assembly": {"xray_grace_seconds": 0.2, "ct_quiet_seconds": 1.0,
-                     "sweep_interval_seconds": 0.2},
+        "assembly": {
+            "xray_grace_seconds": 0.2,
+            "ct_quiet_seconds": 1.0,
+            "sweep_interval_seconds": 0.2,
+        },
         "logging": {"level": "DEBUG"},
     }
     for section, values in sections.items():

@@ -157,7 +157,9 @@ class RawPeer:
         self.send_raw(pdata(context_id, 0x03, store_command(sop_class, sop_instance, message_id)))
         for start in range(0, len(dataset), fragment):
             last = start + fragment >= len(dataset)
-            self.send_raw(pdata(context_id, 0x02 if last else 0x00, dataset[start : start + fragment]))
+            self.send_raw(
+                pdata(context_id, 0x02 if last else 0x00, dataset[start : start + fragment])
+            )
         return self.read_status()
 
     def read_status(self) -> int:

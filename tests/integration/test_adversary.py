@@ -13,7 +13,14 @@ from pacs_ai.db.models import Association, Instance
 from pacs_ai.service import Service
 from tests.conftest import SCU_AE, ct_datasets
 from tests.integration.conftest import ServiceFactory
-from tests.integration.rawpeer import EXPLICIT_LE, Accepted, RawPeer, encode_dataset, pdata, store_command
+from tests.integration.rawpeer import (
+    EXPLICIT_LE,
+    Accepted,
+    RawPeer,
+    encode_dataset,
+    pdata,
+    store_command,
+)
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

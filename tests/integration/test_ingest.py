@@ -4,7 +4,6 @@ peer for what pynetdicom will not send. Covers the bad-input table of DESIGN.md 
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import pydicom
@@ -23,7 +22,7 @@ from pacs_ai.db.models import (
 )
 from pacs_ai.delivery.scu import Outgoing, Peer, send
 from pacs_ai.service import Service
-from tests.conftest import SCU_AE, ct_datasets, dx_dataset
+from tests.conftest import SCU_AE, ct_datasets, dx_dataset, wait_for
 from tests.integration.conftest import ServiceFactory
 from tests.integration.rawpeer import EXPLICIT_LE, Accepted, RawPeer, Rejected, encode_dataset
 
@@ -42,15 +41,6 @@ def store(svc: Service, datasets: list[pydicom.Dataset], calling: str = SCU_AE) 
 def count(svc: Service, model: type) -> int:
     with svc.engine.connect() as c:
         return int(c.scalar(select(func.count()).select_from(model)) or 0)
-
-
-def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def test_ct_series_stored_durably_and_recorded(start_service: ServiceFactory, db_url: str) -> None:
