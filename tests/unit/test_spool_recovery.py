@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from sqlalchemy import insert, select
+
+from pacs_ai.config import DatabaseSettings
+from pacs_ai.db.models import Association, AuditEvent, Instance, Series, Study
+from pacs_ai.db.session import make_engine, upgrade
+from pacs_ai.errors import OutOfResources
+from pacs_ai.ingest.recovery import recover
+from pacs_ai.ingest.spool import Spool
+
+
+def test_commit_names_by_hash_and_discard(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 0)
+    spool.prepare()
+    pending = spool.begin(b"HEADER")
+    pending.write(b"dataset-bytes")
+    pending.flush()
+    stored = pending.commit()
+    path = spool.resolve(stored.relpath)
+    assert path.read_bytes() == b"HEADERdataset-bytes"
+    assert path.name == f"{stored.sha256}.dcm" and stored.size == len(b"dataset-bytes")
+    assert stored.created
+    again = spool.begin(b"OTHER-HEADER")
+    again.write(b"dataset-bytes")
+    assert not again.commit().created  # same dataset bytes, same object
+    gone = spool.begin(b"H")
+    gone.write(b"x")
+    gone.discard()
+    assert list(spool.tmp_dir.iterdir()) == []
+    with pytest.raises(ValueError):
+        spool.resolve("../outside")
+    with pytest.raises(ValueError):
+        spool.object_path("../../etc/passwd")
+
+
+def test_watermark(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 0)
+    spool.prepare()
+    spool.check_free_space()
+    spool.min_free_bytes = spool.free_bytes() * 10
+    with pytest.raises(OutOfResources):
+        spool.check_free_space()
+
+
+def test_recovery_quarantines_orphans_and_closes_associations(tmp_path: Path) -> None:
+    engine = make_engine(DatabaseSettings(url=f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    upgrade(engine)
+    spool = Spool(tmp_path / "spool", 0)
+    spool.prepare()
+    kept = spool.begin(b"")
+    kept.write(b"recorded")
+    kept_file = kept.commit()
+    orphan = spool.begin(b"")
+    orphan.write(b"renamed but never recorded")
+    orphan_file = orphan.commit()
+    (spool.tmp_dir / "half.part").write_bytes(b"partial")
+    with engine.begin() as c:
+        assoc = c.execute(
+            insert(Association).values(peer_host="127.0.0.1", peer_port=1).returning(Association.id)
+        ).scalar_one()
+        study = c.execute(insert(Study).values(study_uid="1.2").returning(Study.id)).scalar_one()
+        series = c.execute(
+            insert(Series).values(study_id=study, series_uid="1.2.3").returning(Series.id)
+        ).scalar_one()
+        for rel, uid in ((kept_file.relpath, "1.2.3.4"), ("objects/aa/bb/missing.dcm", "1.2.3.5")):
+            c.execute(
+                insert(Instance).values(
+                    study_id=study,
+                    series_id=series,
+                    association_id=assoc,
+                    sop_instance_uid=uid,
+                    sop_class_uid="1.2",
+                    transfer_syntax_uid="1.2",
+                    size_bytes=1,
+                    sha256=uid,
+                    path=rel,
+                )
+            )
+    report = recover(spool, engine)
+    assert (report.partial_removed, report.orphans_quarantined) == (1, 1)
+    assert (report.missing_files, report.associations_closed) == (1, 1)
+    assert spool.resolve(kept_file.relpath).exists()
+    assert not spool.resolve(orphan_file.relpath).exists()
+    assert [p.name for p in spool.quarantine_dir.iterdir()] == [f"{orphan_file.sha256}.dcm"]
+    assert list(spool.tmp_dir.iterdir()) == []
+    with engine.connect() as c:
+        assert c.scalar(select(Association.end_reason)) == "interrupted"
+        actions = set(c.scalars(select(AuditEvent.action)))
+    assert {"orphan_quarantined", "instance_file_missing", "recovery"} <= actions
+    assert recover(spool, engine) == type(report)(0, 0, 1, 0)  # idempotent
+    engine.dispose()
+    assert os.access(spool.quarantine_dir, os.W_OK)
