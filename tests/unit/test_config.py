@@ -55,7 +55,7 @@ def test_bad_values_are_clear_errors(env: dict[str, str], message: str) -> None:
 def test_bad_allowlist_host_and_missing_file(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('[access]\nallowed = [{ ae_title = "X", host = "not-an-ip" }]\n')
-    with pytest.raises(ConfigError, match="access.allowed.0.host"):
+    with pytest.raises(ConfigError, match=r"access\.allowed\.0\.host"):
         load_settings(cfg, env={})
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "missing.toml", env={})
