@@ -160,6 +160,102 @@ class AssemblySettings(_Section):
     sweep_interval_seconds: PositiveSeconds = 1.0
 
 
+class RoutingRule(_Section):
+    """Which series go to which model. Rules are tried in order; the first whose filters all
+    match wins (an empty filter matches anything). Gating (view, localizer, slice count, ...)
+    still decides afterwards whether the matched model can take the series."""
+
+    name: str
+    model: Literal["cxr", "ct"]
+    modalities: tuple[str, ...] = ()
+    sop_classes: tuple[str, ...] = ()
+    # Body Part Examined values; "" matches a series that does not state one.
+    body_parts: tuple[str, ...] = ()
+    # Refuse series whose Image Type contains any of these values (e.g. "LOCALIZER").
+    exclude_image_types: tuple[str, ...] = ()
+
+
+def _default_routing() -> tuple[RoutingRule, ...]:
+    return (
+        RoutingRule(
+            name="chest-xray",
+            model="cxr",
+            modalities=("CR", "DX"),
+            body_parts=("CHEST", "THORAX", "LUNG", ""),
+        ),
+        RoutingRule(
+            name="chest-ct",
+            model="ct",
+            modalities=("CT",),
+            body_parts=("CHEST", "THORAX", "LUNG", "CHEST_ABDOMEN", ""),
+            exclude_image_types=("LOCALIZER",),
+        ),
+    )
+
+
+class PipelineSettings(_Section):
+    # Run the pipeline worker inside `pacs-ai serve` (else run `pacs-ai worker` separately).
+    enabled: bool = True
+    # The worker is woken when a study becomes ready; it also polls this often.
+    poll_seconds: PositiveSeconds = 2.0
+    # A failing job (model error, out of memory) is retried after these delays, then
+    # dead-lettered (study state "failed").
+    retry_seconds: tuple[PositiveSeconds, ...] = (10.0, 60.0, 300.0)
+    # PostgreSQL with several workers: a job running longer than this is assumed to belong to
+    # a worker that died, and its study is re-queued. (SQLite: one worker; re-queued at start.)
+    lease_seconds: Annotated[float, Field(ge=60, le=86400)] = 600.0
+
+
+class ReportsSettings(_Section):
+    # Where report objects (SR, summary images) are written; with no [[destinations]] this is
+    # where users pick them up.
+    path: Path = Path("var/reports")
+
+
+ObjectKind = Literal["sr", "summary", "text_sr"]
+
+
+class DestinationSettings(_Section):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    ae_title: AETitle | None = None  # None only with return_to_sender
+    host: str | None = None
+    port: Port
+    # Our AE title on this association (default: dicom.ae_title).
+    calling_ae_title: AETitle | None = None
+    # Which objects go here: the TID 1500 SR, and/or fallbacks for viewers that cannot draw
+    # it (a Secondary Capture summary image, a Basic Text SR).
+    objects: tuple[ObjectKind, ...] = ("sr",)
+    # Send to the AE title and address that sent the study (port from this entry).
+    return_to_sender: bool = False
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    timeout_seconds: PositiveSeconds = 30.0
+
+    _ae = field_validator("ae_title", "calling_ae_title")(
+        lambda v: v if v is None else validate_ae_title(v)
+    )
+
+    @model_validator(mode="after")
+    def _target(self) -> DestinationSettings:
+        if not self.return_to_sender and (self.ae_title is None or self.host is None):
+            raise ValueError("a destination needs ae_title and host (or return_to_sender)")
+        if not self.objects:
+            raise ValueError("a destination needs at least one object kind")
+        return self
+
+
+class DeliverySettings(_Section):
+    # Delays before retry 1, 2, ...; the last one repeats until max_attempts.
+    retry_ladder_seconds: tuple[PositiveSeconds, ...] = (30.0, 120.0, 600.0, 3600.0, 21600.0)
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 20
+    # How often the outbox looks for due deliveries (it is also woken when reports are made).
+    poll_seconds: PositiveSeconds = 5.0
+    # Objects per association.
+    batch_size: Annotated[int, Field(ge=1, le=1000)] = 100
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -172,10 +268,22 @@ class Settings(_Section):
     storage: StorageSettings = StorageSettings()
     database: DatabaseSettings = DatabaseSettings()
     assembly: AssemblySettings = AssemblySettings()
+    routing: tuple[RoutingRule, ...] = Field(default_factory=_default_routing)
+    pipeline: PipelineSettings = PipelineSettings()
+    reports: ReportsSettings = ReportsSettings()
+    destinations: tuple[DestinationSettings, ...] = ()
+    delivery: DeliverySettings = DeliverySettings()
     logging: LoggingSettings = LoggingSettings()
     # Where the file was read from (None for pure defaults); relative paths were resolved
     # against its directory.
     source: Path | None = None
+
+    @model_validator(mode="after")
+    def _unique_destinations(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        if len(names) != len(set(names)):
+            raise ValueError("destination names must be unique")
+        return self
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -216,7 +324,22 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         if rel and rel != ":memory:":
             db_url = prefix + str((base / rel).resolve())
     database = settings.database.model_copy(update={"url": db_url})
-    return settings.model_copy(update={"storage": storage, "tls": tls, "database": database})
+    reports = settings.reports.model_copy(update={"path": fix(settings.reports.path)})
+    destinations = tuple(
+        d.model_copy(
+            update={k: fix(getattr(d, k)) for k in ("tls_ca_file", "tls_cert_file", "tls_key_file")}
+        )
+        for d in settings.destinations
+    )
+    return settings.model_copy(
+        update={
+            "storage": storage,
+            "tls": tls,
+            "database": database,
+            "reports": reports,
+            "destinations": destinations,
+        }
+    )
 
 
 def _format_validation_error(exc: ValidationError, origin: str) -> str:

@@ -1,46 +1,71 @@
-"""``pacs-ai serve``: wires the listener, assembly and scheduler together and runs them until
-SIGTERM/SIGINT."""
+"""``pacs-ai serve`` / ``pacs-ai worker``: wires listener, assembly, pipeline, outbox and
+scheduler together and runs them until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import signal
 import threading
-from collections.abc import Callable
 
 from pacs_ai.assembly import Assembler
 from pacs_ai.config import Settings
-from pacs_ai.db.session import current_revision, head_revision, make_engine, make_session_factory
+from pacs_ai.db.session import current_revision, head_revision, make_engine
+from pacs_ai.delivery.outbox import Outbox
 from pacs_ai.errors import ConfigError
 from pacs_ai.ingest.recovery import recover
 from pacs_ai.ingest.server import DicomServer
 from pacs_ai.ingest.spool import Spool
+from pacs_ai.pipeline import ModelProvider, Pipeline
 from pacs_ai.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 ASSEMBLY_JOB = "assembly-sweep"
+DELIVERY_JOB = "delivery"
+STALE_JOB = "stale-jobs"
 
 
 class Service:
-    def __init__(
-        self, settings: Settings, on_ready: Callable[[list[int]], None] | None = None
-    ) -> None:
+    """The gateway in one process: listener + assembly, and (unless ``pipeline.enabled`` is
+    false, or ``listener=False`` for ``pacs-ai worker``) the pipeline worker and outbox."""
+
+    def __init__(self, settings: Settings, listener: bool = True) -> None:
         self.settings = settings
         self.engine = make_engine(settings.database)
-        self.sessions = make_session_factory(self.engine)
         self.spool = Spool(settings.storage.path, settings.storage.min_free_mb)
         self.scheduler = Scheduler()
-        self.assembler = Assembler(self.engine, settings.assembly, on_ready=on_ready)
-        self.server = DicomServer(
-            settings, self.engine, self.spool, on_association_end=self._association_ended
-        )
-        self._stopped = threading.Event()
+        self.outbox = Outbox(self.engine, settings)
+        self.pipeline: Pipeline | None = None
+        if settings.pipeline.enabled or not listener:
+            self.pipeline = Pipeline(
+                self.engine,
+                settings,
+                self.outbox,
+                ModelProvider(settings),
+                on_reported=self._deliver_now,
+            )
+        self.assembler: Assembler | None = None
+        self.server: DicomServer | None = None
+        if listener:
+            self.assembler = Assembler(
+                self.engine,
+                settings.assembly,
+                on_ready=self.pipeline.wake if self.pipeline else None,
+            )
+            self.server = DicomServer(
+                settings, self.engine, self.spool, on_association_end=self._association_ended
+            )
 
     def _association_ended(self, _assoc_id: int) -> None:
         # Slightly after the grace period ends, so the sweep finds the series due.
+        assert self.assembler is not None
         delay = self.settings.assembly.xray_grace_seconds + 0.02
         self.scheduler.once(ASSEMBLY_JOB, delay, self.assembler.sweep)
+
+    def _deliver_now(self) -> None:
+        if self.settings.destinations:
+            self.scheduler.once(DELIVERY_JOB, 0.0, self.outbox.run_due)
 
     def check_schema(self) -> None:
         cur, head = current_revision(self.engine), head_revision()
@@ -52,19 +77,44 @@ class Service:
 
     def start(self) -> None:
         self.check_schema()
-        recover(self.spool, self.engine)
-        self.scheduler.every(
-            ASSEMBLY_JOB, self.settings.assembly.sweep_interval_seconds, self.assembler.sweep
-        )
+        if self.server is not None:
+            recover(self.spool, self.engine)
+        if self.assembler is not None:
+            self.scheduler.every(
+                ASSEMBLY_JOB, self.settings.assembly.sweep_interval_seconds, self.assembler.sweep
+            )
+        if self.pipeline is not None:
+            # SQLite has one worker, so anything left "processing" was ours; with PostgreSQL
+            # only jobs older than the lease (their worker is presumed dead).
+            single = self.engine.dialect.name == "sqlite"
+            lease = dt.timedelta(seconds=0 if single else self.settings.pipeline.lease_seconds)
+            self.pipeline.recover_stale(lease)
+            if not single:
+                pipeline = self.pipeline
+                self.scheduler.every(
+                    STALE_JOB,
+                    self.settings.pipeline.lease_seconds / 4,
+                    lambda: pipeline.recover_stale(
+                        dt.timedelta(seconds=self.settings.pipeline.lease_seconds)
+                    ),
+                )
+            self.pipeline.start()
+        if self.settings.destinations:
+            self.scheduler.every(
+                DELIVERY_JOB, self.settings.delivery.poll_seconds, self.outbox.run_due
+            )
         self.scheduler.start()
-        self.server.start()
+        if self.server is not None:
+            self.server.start()
 
     def stop(self) -> None:
         log.info("shutting down")
-        self.server.stop()
+        if self.server is not None:
+            self.server.stop()
+        if self.pipeline is not None:
+            self.pipeline.stop()
         self.scheduler.shutdown()
         self.engine.dispose()
-        self._stopped.set()
 
     def run_forever(self) -> None:
         stop_requested = threading.Event()

@@ -50,6 +50,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "--format", choices=("table", "json", "csv"), default="table", help="output format"
         )
         q.set_defaults(handler=_run)
+    one = asub.add_parser(
+        "study",
+        help="one study's full timeline: received, ready, scored, reported, delivered",
+    )
+    add_config_arg(one)
+    one.add_argument("study_uid", metavar="UID")
+    one.add_argument("--format", choices=("table", "json"), default="table")
+    one.set_defaults(handler=_study)
 
 
 def _query(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -78,6 +86,27 @@ def _run(args: argparse.Namespace) -> int:
             w.writerows(rows)
     else:
         print(format_table(rows))
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    engine = make_engine(load_settings(args.config).database)
+    try:
+        data = audit.study_timeline(engine, args.study_uid)
+    finally:
+        engine.dispose()
+    if data is None:
+        print(f"no study {args.study_uid}", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        json.dump(data, sys.stdout, indent=2)
+        print()
+        return 0
+    st = data["study"]
+    print(f"study {st['study_uid']}  state={st['state']}  revision={st['revision']}")
+    for section in ("timeline", "series", "jobs", "findings", "reports", "deliveries"):
+        print(f"\n{section}:")
+        print(format_table(data[section], max_width=60))
     return 0
 
 

@@ -18,12 +18,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_config_arg(p)
     p.set_defaults(handler=_serve)
+    w = sub.add_parser(
+        "worker",
+        help="run only the pipeline worker and outbox (no listener), e.g. beside `serve` "
+        "with pipeline.enabled = false, or several of them on PostgreSQL",
+    )
+    add_config_arg(w)
+    w.set_defaults(handler=_worker)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, listener: bool = True) -> int:
     from pacs_ai.service import Service
 
     settings = load_settings(args.config)
     configure_logging(settings.logging)
-    Service(settings).run_forever()
+    Service(settings, listener=listener).run_forever()
     return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    return _serve(args, listener=False)

@@ -6,9 +6,19 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import Engine, Executable, func, select
+from sqlalchemy import Engine, Executable, Integer, func, select
 
-from pacs_ai.db.models import Association, AuditEvent, Instance, Series, Study
+from pacs_ai.db.models import (
+    Association,
+    AuditEvent,
+    Delivery,
+    Finding,
+    Instance,
+    Job,
+    Report,
+    Series,
+    Study,
+)
 
 
 def _jsonable(value: Any) -> Any:
@@ -132,7 +142,51 @@ def studies(
             .where(Association.calling_ae == ae)
         )
         stmt = stmt.where(s.id.in_(sent_by))
-    return _rows(engine, stmt.limit(limit))
+    rows = _rows(engine, stmt.limit(limit))
+    _add_results(engine, rows)
+    return rows
+
+
+def _add_results(engine: Engine, rows: list[dict[str, Any]]) -> None:
+    """Per study: the findings of its latest successful job, and its deliveries' states."""
+    ids = [r["id"] for r in rows]
+    if not ids:
+        return
+    with engine.connect() as conn:
+        latest_job = (
+            select(Job.study_id, func.max(Job.id).label("job_id"))
+            .where(Job.study_id.in_(ids), Job.state == "succeeded")
+            .group_by(Job.study_id)
+            .subquery()
+        )
+        found: dict[int, list[str]] = {}
+        for study_id, label, prob, present in conn.execute(
+            select(
+                latest_job.c.study_id,
+                Finding.label,
+                func.max(Finding.probability),
+                func.max(Finding.present.cast(Integer)),
+            )
+            .join(Finding, Finding.job_id == latest_job.c.job_id)
+            .group_by(latest_job.c.study_id, Finding.label)
+            .order_by(Finding.label)
+        ):
+            found.setdefault(study_id, []).append(
+                f"{label} {prob:.2f}{' PRESENT' if present else ''}"
+            )
+        delivery: dict[int, dict[str, int]] = {}
+        for study_id, state, n in conn.execute(
+            select(Delivery.study_id, Delivery.state, func.count())
+            .where(Delivery.study_id.in_(ids))
+            .group_by(Delivery.study_id, Delivery.state)
+        ):
+            delivery.setdefault(study_id, {})[_jsonable(state)] = n
+    for r in rows:
+        r["findings"] = "; ".join(found.get(r["id"], [])) or None
+        states = delivery.get(r["id"])
+        r["deliveries"] = (
+            ", ".join(f"{n} {st}" for st, n in sorted(states.items())) if states else None
+        )
 
 
 def events(
@@ -153,3 +207,157 @@ def events(
     if ae is not None:
         stmt = stmt.where(e.actor == ae)
     return _rows(engine, stmt.limit(limit))
+
+
+def deliveries(
+    engine: Engine,
+    state: str | None = None,
+    study_uid: str | None = None,
+    limit: int = 200,
+) -> list[dict[str, Any]]:
+    d = Delivery
+    stmt = (
+        select(
+            d.id,
+            Study.study_uid,
+            Report.kind,
+            d.destination,
+            d.ae_title,
+            d.host,
+            d.port,
+            d.state,
+            d.attempts,
+            d.last_status,
+            d.last_error,
+            d.next_attempt_at,
+            d.delivered_at,
+            Report.sop_instance_uid,
+        )
+        .join(Report, Report.id == d.report_id)
+        .join(Study, Study.id == d.study_id)
+        .order_by(d.id.desc())
+    )
+    if state is not None:
+        stmt = stmt.where(d.state == state)
+    if study_uid is not None:
+        stmt = stmt.where(Study.study_uid == study_uid)
+    rows = _rows(engine, stmt.limit(limit))
+    for r in rows:
+        if r["last_status"] is not None:
+            r["last_status"] = f"0x{r['last_status']:04X}"
+    return rows
+
+
+def study_timeline(engine: Engine, study_uid: str) -> dict[str, Any] | None:
+    """Everything about one study, in time order: received, ready, scored, reported,
+    delivered, with durations."""
+    with engine.connect() as conn:
+        study = conn.execute(select(Study).where(Study.study_uid == study_uid)).first()
+        if study is None:
+            return None
+        sid = study.id
+        series = conn.execute(
+            select(
+                Series.id,
+                Series.series_uid,
+                Series.modality,
+                Series.body_part,
+                Series.instance_count,
+                Series.state,
+                Series.completed_at,
+                Series.not_applicable_reason,
+            )
+            .where(Series.study_id == sid)
+            .order_by(Series.id)
+        ).all()
+        jobs = conn.execute(
+            select(
+                Job.id,
+                Job.study_revision,
+                Job.attempt,
+                Job.state,
+                Job.models,
+                Job.device,
+                Job.started_at,
+                Job.finished_at,
+                Job.duration_ms,
+                Job.error,
+            )
+            .where(Job.study_id == sid)
+            .order_by(Job.id)
+        ).all()
+        findings = conn.execute(
+            select(
+                Finding.job_id,
+                Finding.series_id,
+                Finding.model_name,
+                Finding.label,
+                Finding.probability,
+                Finding.threshold,
+                Finding.present,
+            )
+            .join(Job, Job.id == Finding.job_id)
+            .where(Job.study_id == sid)
+            .order_by(Finding.id)
+        ).all()
+        reports = conn.execute(
+            select(
+                Report.id,
+                Report.study_revision,
+                Report.kind,
+                Report.sop_instance_uid,
+                Report.path,
+                Report.created_at,
+            )
+            .where(Report.study_id == sid)
+            .order_by(Report.id)
+        ).all()
+        dels = conn.execute(
+            select(
+                Delivery.id,
+                Delivery.report_id,
+                Delivery.destination,
+                Delivery.state,
+                Delivery.attempts,
+                Delivery.last_status,
+                Delivery.last_error,
+                Delivery.created_at,
+                Delivery.delivered_at,
+            )
+            .where(Delivery.study_id == sid)
+            .order_by(Delivery.id)
+        ).all()
+    events: list[tuple[dt.datetime, str]] = [
+        (study.first_received_at, "first instance received"),
+        (study.last_received_at, f"last instance received ({study.instance_count} in all)"),
+    ]
+    if study.ready_at:
+        events.append((study.ready_at, f"ready (revision {study.revision})"))
+    for j in jobs:
+        events.append((j.started_at, f"job {j.id} attempt {j.attempt} started"))
+        if j.finished_at:
+            events.append(
+                (
+                    j.finished_at,
+                    f"job {j.id} {j.state.value}" + (f": {j.error[:120]}" if j.error else ""),
+                )
+            )
+    for r in reports:
+        events.append((r.created_at, f"report {r.id} ({r.kind}) written"))
+    for d in dels:
+        if d.delivered_at:
+            events.append((d.delivered_at, f"delivery {d.id} to {d.destination} delivered"))
+    events.sort(key=lambda e: e[0])
+    t0 = events[0][0]
+    return {
+        "study": {k: _jsonable(v) for k, v in study._mapping.items() if k != "patient_name"},
+        "timeline": [
+            {"at": _jsonable(at), "after_s": round((at - t0).total_seconds(), 3), "event": what}
+            for at, what in events
+        ],
+        "series": [{k: _jsonable(v) for k, v in r._mapping.items()} for r in series],
+        "jobs": [{k: _jsonable(v) for k, v in r._mapping.items()} for r in jobs],
+        "findings": [{k: _jsonable(v) for k, v in r._mapping.items()} for r in findings],
+        "reports": [{k: _jsonable(v) for k, v in r._mapping.items()} for r in reports],
+        "deliveries": [{k: _jsonable(v) for k, v in r._mapping.items()} for r in dels],
+    }

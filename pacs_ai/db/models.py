@@ -85,7 +85,6 @@ class SeriesState(enum.StrEnum):
 
 
 class JobState(enum.StrEnum):
-    QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # will be retried
@@ -94,6 +93,7 @@ class JobState(enum.StrEnum):
 
 class DeliveryState(enum.StrEnum):
     PENDING = "pending"
+    SENDING = "sending"  # claimed by an outbox run
     DELIVERED = "delivered"
     FAILED = "failed"  # will be retried
     DEAD = "dead"  # permanent failure or retries exhausted; an admin can re-queue
@@ -202,26 +202,27 @@ class Instance(Base):
 
 
 class Job(Base):
+    """One attempt of the pipeline at one revision of a study."""
+
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("study_id", "study_revision", "model_name"),)
+    __table_args__ = (UniqueConstraint("study_id", "study_revision", "attempt"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     study_revision: Mapped[int] = mapped_column(Integer, default=0)
-    model_name: Mapped[str] = mapped_column(String(64))
-    model_version: Mapped[str | None] = mapped_column(String(64))
-    device: Mapped[str | None] = mapped_column(String(32))
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[JobState] = mapped_column(
-        _enum(JobState, "job_state"), default=JobState.QUEUED, index=True
+        _enum(JobState, "job_state"), default=JobState.RUNNING, index=True
     )
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)
+    # "name version" of each model that scored something, "; "-separated.
+    models: Mapped[str | None] = mapped_column(String(200))
+    device: Mapped[str | None] = mapped_column(String(32))
     claimed_by: Mapped[str | None] = mapped_column(String(64))
-    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
-    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
-    preprocess_ms: Mapped[float | None] = mapped_column(Float)
-    inference_ms: Mapped[float | None] = mapped_column(Float)
+    duration_ms: Mapped[float | None] = mapped_column(Float)
+    # When a failed attempt may be retried (null: now, or never for dead jobs).
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)
     error: Mapped[str | None] = mapped_column(Text)
 
     findings: Mapped[list[Finding]] = relationship(back_populates="job")
@@ -233,6 +234,8 @@ class Finding(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
     series_id: Mapped[int | None] = mapped_column(ForeignKey("series.id"))
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
     label: Mapped[str] = mapped_column(String(64))
     probability: Mapped[float] = mapped_column(Float)
     threshold: Mapped[float] = mapped_column(Float)
@@ -241,20 +244,38 @@ class Finding(Base):
     job: Mapped[Job] = relationship(back_populates="findings")
 
 
-class Delivery(Base):
-    __tablename__ = "deliveries"
-    __table_args__ = (
-        UniqueConstraint("sop_instance_uid", "destination"),
-        Index("ix_deliveries_state_next", "state", "next_attempt_at"),
-    )
+class Report(Base):
+    """A report object pacs-ai made (SR, summary image, text SR), written under reports.path."""
+
+    __tablename__ = "reports"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
-    destination: Mapped[str] = mapped_column(String(64))
-    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    study_revision: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))  # sr | summary | text_sr
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
     sop_class_uid: Mapped[str] = mapped_column(UID)
-    path: Mapped[str] = mapped_column(String(300))
+    path: Mapped[str] = mapped_column(String(300))  # relative to reports.path
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("report_id", "destination"),
+        Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"))
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    # The resolved target (fixed at enqueue time; for return-to-sender, the study's sender).
+    ae_title: Mapped[str] = mapped_column(AE)
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
     state: Mapped[DeliveryState] = mapped_column(
         _enum(DeliveryState, "delivery_state"), default=DeliveryState.PENDING
     )
@@ -262,6 +283,7 @@ class Delivery(Base):
     last_status: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(String(300))
     next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 

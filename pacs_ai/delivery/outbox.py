@@ -1,0 +1,331 @@
+"""The durable outbox: report objects waiting to reach their destinations.
+
+Every (report object, destination) pair is a ``deliveries`` row, created in the same
+transaction that records the report. A run claims due rows (``FOR UPDATE SKIP LOCKED`` on
+PostgreSQL, so several processes never send the same row at once), sends each destination's
+batch over one association, and records the status of every C-STORE-RSP:
+
+- 0x0000 Success -> ``delivered``;
+- a warning, or a failure the peer will not change its mind about (0xA9xx/0xCxxx cannot
+  understand, 0x0122 SOP class not supported...) -> ``dead``: an admin must look;
+- no response (peer down, association rejected or aborted, timeout) or a transient refusal
+  (0xA7xx out of resources, 0x0110 processing failure) -> ``failed``, retried on the ladder.
+
+Report SOP Instance UIDs are deterministic, so a re-send after a crash between sending and
+recording is the same object again, which a PACS stores once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import ssl
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
+
+from pacs_ai.config import DestinationSettings, Settings
+from pacs_ai.db.models import (
+    Association,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Report,
+    Study,
+    StudyState,
+    utcnow,
+)
+from pacs_ai.delivery.scu import Outgoing, Peer, SendResult, send
+from pacs_ai.ingest.recorder import write_audit
+
+log = logging.getLogger(__name__)
+
+# A claim older than this is assumed to belong to a process that died mid-send.
+_STALE_CLAIM = dt.timedelta(minutes=10)
+_TRANSIENT_FAILURES = frozenset({0x0110, 0x0111, 0x0212})
+
+
+def is_transient(result: SendResult) -> bool:
+    if result.status is None:
+        return True
+    return (result.status & 0xFF00) == 0xA700 or result.status in _TRANSIENT_FAILURES
+
+
+@dataclass(frozen=True)
+class _Due:
+    id: int
+    study_id: int
+    destination: str
+    ae_title: str
+    host: str
+    port: int
+    attempts: int
+    path: str
+    sop_instance_uid: str
+
+
+def destination_ssl_context(dest: DestinationSettings) -> ssl.SSLContext | None:
+    if not dest.tls:
+        return None
+    ctx = ssl.create_default_context(cafile=str(dest.tls_ca_file) if dest.tls_ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if dest.tls_cert_file and dest.tls_key_file:
+        ctx.load_cert_chain(str(dest.tls_cert_file), str(dest.tls_key_file))
+    return ctx
+
+
+class Outbox:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._destinations = {d.name: d for d in settings.destinations}
+
+    @property
+    def reports_root(self) -> Path:
+        return self._settings.reports.path
+
+    # --- enqueue ---------------------------------------------------------------------------
+
+    def enqueue(self, conn: Connection, study_id: int, reports: Sequence[tuple[int, str]]) -> int:
+        """Create the deliveries of new report objects ``(report id, kind)`` for every
+        destination that wants that kind; in the caller's transaction. Returns the count."""
+        now = self._clock()
+        created = 0
+        for dest, ae, host in self._targets_for(conn, study_id):
+            for report_id, kind in reports:
+                if kind not in dest.objects:
+                    continue
+                exists = conn.scalar(
+                    select(Delivery.id).where(
+                        Delivery.report_id == report_id, Delivery.destination == dest.name
+                    )
+                )
+                if exists is not None:
+                    continue
+                conn.execute(
+                    insert(Delivery).values(
+                        report_id=report_id,
+                        study_id=study_id,
+                        destination=dest.name,
+                        ae_title=ae,
+                        host=host,
+                        port=dest.port,
+                        state=DeliveryState.PENDING,
+                        attempts=0,
+                        next_attempt_at=now,
+                        created_at=now,
+                    )
+                )
+                created += 1
+        return created
+
+    def _targets_for(
+        self, conn: Connection, study_id: int
+    ) -> list[tuple[DestinationSettings, str, str]]:
+        """(destination, AE title, host) for each configured destination of a study."""
+        out = []
+        for dest in self._settings.destinations:
+            if dest.return_to_sender:
+                sender = conn.execute(
+                    select(Association.calling_ae, Association.peer_host)
+                    .join(Instance, Instance.association_id == Association.id)
+                    .where(Instance.study_id == study_id)
+                    .order_by(Instance.id.desc())
+                    .limit(1)
+                ).first()
+                if sender is None or not sender.calling_ae:
+                    log.warning("study %d: no sender known for %s", study_id, dest.name)
+                    continue
+                out.append((dest, sender.calling_ae, sender.peer_host))
+            else:
+                assert dest.ae_title is not None and dest.host is not None
+                out.append((dest, dest.ae_title, dest.host))
+        return out
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def run_due(self) -> int:
+        """Send everything that is due; returns how many objects were attempted."""
+        with self._lock:
+            due = self._claim()
+            if not due:
+                return 0
+            groups: dict[tuple[str, str, str, int], list[_Due]] = {}
+            for d in due:
+                groups.setdefault((d.destination, d.ae_title, d.host, d.port), []).append(d)
+            for (name, ae, host, port), rows in groups.items():
+                for start in range(0, len(rows), self._settings.delivery.batch_size):
+                    self._send_batch(
+                        name,
+                        ae,
+                        host,
+                        port,
+                        rows[start : start + self._settings.delivery.batch_size],
+                    )
+            return len(due)
+
+    def _claim(self) -> list[_Due]:
+        now = self._clock()
+        stale = now - _STALE_CLAIM
+        with self._engine.begin() as conn:
+            due_filter = or_(
+                and_(
+                    Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED]),
+                    or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+                ),
+                and_(Delivery.state == DeliveryState.SENDING, Delivery.claimed_at < stale),
+            )
+            ids_q = select(Delivery.id).where(due_filter).order_by(Delivery.id).limit(1000)
+            if conn.dialect.name == "postgresql":
+                ids_q = ids_q.with_for_update(skip_locked=True)
+            ids = list(conn.scalars(ids_q))
+            if not ids:
+                return []
+            conn.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(ids))
+                .values(state=DeliveryState.SENDING, claimed_at=now)
+            )
+            rows = conn.execute(
+                select(
+                    Delivery.id,
+                    Delivery.study_id,
+                    Delivery.destination,
+                    Delivery.ae_title,
+                    Delivery.host,
+                    Delivery.port,
+                    Delivery.attempts,
+                    Report.path,
+                    Report.sop_instance_uid,
+                )
+                .join(Report, Report.id == Delivery.report_id)
+                .where(Delivery.id.in_(ids))
+                .order_by(Delivery.id)
+            ).all()
+        return [_Due(*r) for r in rows]
+
+    def _peer(self, name: str, ae: str, host: str, port: int) -> Peer:
+        dest = self._destinations.get(name)
+        timeout = dest.timeout_seconds if dest else 30.0
+        calling = (dest.calling_ae_title if dest else None) or self._settings.dicom.ae_title
+        return Peer(
+            host=host,
+            port=port,
+            called_ae=ae,
+            calling_ae=calling,
+            tls=destination_ssl_context(dest) if dest else None,
+            acse_timeout=timeout,
+            dimse_timeout=timeout,
+            network_timeout=timeout,
+        )
+
+    def _send_batch(self, name: str, ae: str, host: str, port: int, rows: Sequence[_Due]) -> None:
+        items = [Outgoing(label=str(r.id), path=self.reports_root / r.path) for r in rows]
+        try:
+            results = send(self._peer(name, ae, host, port), items)
+        except Exception as exc:  # never lose the rows to an unexpected error
+            log.exception("delivery to %s failed unexpectedly", name)
+            results = [
+                SendResult(i.label, None, None, f"error: {exc.__class__.__name__}") for i in items
+            ]
+        self._record(rows, results)
+
+    def _record(self, rows: Sequence[_Due], results: Sequence[SendResult]) -> None:
+        now = self._clock()
+        ladder = self._settings.delivery.retry_ladder_seconds
+        max_attempts = self._settings.delivery.max_attempts
+        delivered_studies: set[int] = set()
+        with self._engine.begin() as conn:
+            for row, res in zip(rows, results, strict=True):
+                attempts = row.attempts + 1
+                values: dict[str, object] = {
+                    "attempts": attempts,
+                    "last_status": res.status,
+                    "last_error": (res.error or "")[:300] or None,
+                    "claimed_at": None,
+                }
+                if res.ok:
+                    values |= {
+                        "state": DeliveryState.DELIVERED,
+                        "delivered_at": now,
+                        "next_attempt_at": None,
+                    }
+                    delivered_studies.add(row.study_id)
+                elif is_transient(res) and attempts < max_attempts:
+                    delay = ladder[min(attempts - 1, len(ladder) - 1)]
+                    values |= {
+                        "state": DeliveryState.FAILED,
+                        "next_attempt_at": now + dt.timedelta(seconds=delay),
+                    }
+                else:
+                    values |= {"state": DeliveryState.DEAD, "next_attempt_at": None}
+                    write_audit(
+                        conn,
+                        "system",
+                        "delivery_dead",
+                        "error",
+                        "delivery",
+                        row.id,
+                        {
+                            "destination": row.destination,
+                            "status": res.status,
+                            "error": res.error,
+                            "attempts": attempts,
+                        },
+                    )
+                conn.execute(update(Delivery).where(Delivery.id == row.id).values(**values))
+                outcome = "ok" if res.ok else "error"
+                status = f"0x{res.status:04X}" if res.status is not None else "none"
+                log.info(
+                    "delivery %d to %s: %s status=%s attempt=%d",
+                    row.id,
+                    row.destination,
+                    outcome,
+                    status,
+                    attempts,
+                )
+            for study_id in delivered_studies:
+                self._mark_study_delivered(conn, study_id, now)
+
+    def _mark_study_delivered(self, conn: Connection, study_id: int, now: dt.datetime) -> None:
+        undelivered = conn.scalar(
+            select(func.count())
+            .select_from(Delivery)
+            .where(Delivery.study_id == study_id, Delivery.state != DeliveryState.DELIVERED)
+        )
+        if undelivered == 0:
+            conn.execute(
+                update(Study)
+                .where(Study.id == study_id, Study.state == StudyState.REPORTED)
+                .values(state=StudyState.DELIVERED, state_changed_at=now)
+            )
+
+    # --- admin -----------------------------------------------------------------------------
+
+    def requeue(self, delivery_ids: Sequence[int] | None = None, actor: str = "admin") -> int:
+        """Put dead (or failed) deliveries back to pending now. None = every dead one."""
+        with self._engine.begin() as conn:
+            stmt = update(Delivery).values(
+                state=DeliveryState.PENDING, next_attempt_at=None, attempts=0, claimed_at=None
+            )
+            if delivery_ids is None:
+                stmt = stmt.where(Delivery.state == DeliveryState.DEAD)
+            else:
+                stmt = stmt.where(
+                    Delivery.id.in_(delivery_ids),
+                    Delivery.state.in_([DeliveryState.DEAD, DeliveryState.FAILED]),
+                )
+            ids = list(conn.scalars(stmt.returning(Delivery.id)))
+            for i in ids:
+                write_audit(conn, actor, "delivery_requeued", "ok", "delivery", i)
+        return len(ids)
