@@ -100,7 +100,9 @@ def cxr_phantom(kind: PhantomKind, rng: np.random.Generator, size: int = 512) ->
     heart_cx = 0.57 + rng.uniform(-0.02, 0.03)
     heart_rx, heart_ry = rng.uniform(0.14, 0.18), rng.uniform(0.13, 0.16)
     heart_cy = 0.69 + inspiration + rng.uniform(-0.02, 0.02)
-    heart = _smoothstep(0.03, 1 - ((x - heart_cx) / heart_rx) ** 2 - ((y - heart_cy) / heart_ry) ** 2)
+    heart = _smoothstep(
+        0.03, 1 - ((x - heart_cx) / heart_rx) ** 2 - ((y - heart_cy) / heart_ry) ** 2
+    )
     mediastinum = _smoothstep(0.02, 0.055 + 0.03 * _smoothstep(0.1, y - 0.35) - np.abs(x - 0.5))
     soft = np.clip(heart + mediastinum, 0, 1)
     lung = lung * (1 - soft)
@@ -127,7 +129,7 @@ def cxr_phantom(kind: PhantomKind, rng: np.random.Generator, size: int = 512) ->
     att = att ** rng.uniform(0.8, 1.25)
     att = rng.uniform(0.85, 1.0) * att + rng.uniform(0.0, 0.08)
     att = att + rng.normal(0, rng.uniform(0.005, 0.02), att.shape).astype(np.float32)
-    return np.clip(att, 0.0, 1.0).astype(np.float32)
+    return np.asarray(np.clip(att, 0.0, 1.0), dtype=np.float32)
 
 
 def _vessels(rng: np.random.Generator, n: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -149,7 +151,7 @@ def _vessels(rng: np.random.Generator, n: int, x: np.ndarray, y: np.ndarray) -> 
                     out[iy, ix] += 1.0 - s / steps
     out = ndimage.gaussian_filter(out, sigma=max(1.0, n / 300))
     top = float(out.max())
-    return out / top if top > 0 else out
+    return np.asarray(out / top if top > 0 else out, dtype=np.float32)
 
 
 def _ribs(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, body: np.ndarray) -> np.ndarray:
@@ -163,7 +165,7 @@ def _ribs(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, body: np.ndarr
         centre = y0 - 0.15 * d + 1.1 * d**2 + 0.05 * k * d
         band = _smoothstep(0.004, 0.011 - np.abs(y - centre))
         out += band * _smoothstep(0.02, d - 0.04)
-    return np.clip(out, 0, 1) * body * _smoothstep(0.05, 0.78 - y)
+    return np.asarray(np.clip(out, 0, 1) * body * _smoothstep(0.05, 0.78 - y), dtype=np.float32)
 
 
 def _clavicles(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -173,7 +175,7 @@ def _clavicles(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.nda
         y_line = 0.15 + rng.uniform(-0.01, 0.01) - 0.12 * (d - 0.05) + 0.25 * (d - 0.2) ** 2
         band = _smoothstep(0.005, 0.014 - np.abs(y - y_line))
         out += band * _smoothstep(0.01, d - 0.05) * _smoothstep(0.02, 0.36 - d)
-    return np.clip(out, 0, 1)
+    return np.asarray(np.clip(out, 0, 1), dtype=np.float32)
 
 
 def _cxr_pathology(
@@ -279,7 +281,7 @@ def ct_phantom(
         vol[z] = hu
     vol = ndimage.gaussian_filter(vol, sigma=(0.0, 0.7, 0.7))
     vol += rng.normal(0, rng.uniform(10, 25), vol.shape).astype(np.float32)
-    return np.clip(vol, -1024, 3000).astype(np.float32)
+    return np.asarray(np.clip(vol, -1024, 3000), dtype=np.float32)
 
 
 def _ct_pathology_plan(kind: PhantomKind, rng: np.random.Generator) -> dict[str, object]:
