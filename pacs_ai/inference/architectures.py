@@ -34,11 +34,15 @@ class Classifier(nn.Module):
     """A backbone with input normalisation; ``cam_layer`` is the last convolutional stage
     (its output feeds Grad-CAM)."""
 
-    def __init__(self, backbone: nn.Module, cam_layer: nn.Module, normalize: Normalize) -> None:
+    def __init__(self, backbone: nn.Module, cam_layer: str, normalize: Normalize) -> None:
         super().__init__()
         self.backbone = backbone
-        self.cam_layer = cam_layer
+        self._cam_layer = cam_layer
         self.normalize = normalize
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.backbone.get_submodule(self._cam_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize == "per_image":
@@ -67,27 +71,26 @@ def _resnet(widths: tuple[int, int, int, int], channels: int, classes: int) -> R
     return model
 
 
-def _build_resnet18(channels: int, classes: int) -> tuple[nn.Module, nn.Module]:
+def _build_resnet18(channels: int, classes: int) -> tuple[nn.Module, str]:
     model = resnet18(weights=None, num_classes=classes)
     model.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    return model, model.layer4
+    return model, "layer4"
 
 
-def _build_resnet18_slim(channels: int, classes: int) -> tuple[nn.Module, nn.Module]:
-    model = _resnet((24, 48, 96, 192), channels, classes)
-    return model, model.layer4
+def _build_resnet18_slim(channels: int, classes: int) -> tuple[nn.Module, str]:
+    return _resnet((24, 48, 96, 192), channels, classes), "layer4"
 
 
-def _build_mobilenet(channels: int, classes: int) -> tuple[nn.Module, nn.Module]:
+def _build_mobilenet(channels: int, classes: int) -> tuple[nn.Module, str]:
     model = mobilenet_v3_small(weights=None, num_classes=classes)
     first = model.features[0][0]
     model.features[0][0] = nn.Conv2d(
         channels, first.out_channels, kernel_size=3, stride=2, padding=1, bias=False
     )
-    return model, model.features[-1]
+    return model, "features.12"
 
 
-ARCHITECTURES: dict[str, Callable[[int, int], tuple[nn.Module, nn.Module]]] = {
+ARCHITECTURES: dict[str, Callable[[int, int], tuple[nn.Module, str]]] = {
     "resnet18": _build_resnet18,
     "resnet18_slim": _build_resnet18_slim,
     "mobilenet_v3_small": _build_mobilenet,

@@ -330,16 +330,19 @@ def load_model(
     *,
     precision: Precision = "auto",
     warmup: bool = True,
+    require_deployable: bool = True,
 ) -> LoadedModel:
     """Load a model directory (``card.json`` + weights), offline.
 
     Raises :class:`~pacs_ai.errors.ModelRefused` for a model that fails the deployment check
     (predictions collapse to one class, AUC not above baseline, no validation metrics) and
     :class:`~pacs_ai.errors.ModelError` when the directory or weights cannot be used.
+    ``require_deployable=False`` skips the refusal (``pacs-ai evaluate`` of any model).
     """
     model_dir = Path(model_dir)
     card = load_card(model_dir)
-    check_deployable(card)
+    if require_deployable:
+        check_deployable(card)
     model = build_from_card(card)
     state = _load_state(model_dir, card)
     try:

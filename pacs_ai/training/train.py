@@ -228,8 +228,8 @@ def train(data_dir: Path, out_dir: Path, opts: TrainOptions) -> ModelCard:
             loss.backward()
             optimiser.step()
             scheduler.step()
-            total += float(loss) * len(idx)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            total += float(loss.detach()) * len(idx)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         val_probs = _unit_probs(
             _logits(model, val_inputs, device, 64), 1.0, finding_idx, aggregation
         )
