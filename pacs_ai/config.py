@@ -261,6 +261,33 @@ class LoggingSettings(_Section):
     format: Literal["text", "json"] = "text"
 
 
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+class InferenceSettings(_Section):
+    # "auto": the first CUDA GPU if one is usable, else the CPU; or "cpu", "cuda", "cuda:N".
+    device: str = "auto"
+    # "auto": mixed precision (bf16, else fp16) on a GPU, fp32 on the CPU; or force one.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Images per forward pass; images of several series are batched together.
+    batch_size: Annotated[int, Field(ge=1, le=1024)] = 16
+    # Model directories (card.json + weights): "bundled:cxr" / "bundled:ct" are the demo
+    # models shipped in the package; a relative path is relative to this file.
+    cxr_model: str = "bundled:cxr"
+    ct_model: str = "bundled:ct"
+    # A CT series with fewer distinct slice positions is not applicable.
+    min_ct_slices: Annotated[int, Field(ge=1, le=10000)] = 10
+    # Grad-CAM heatmap per scored series (for the summary image).
+    heatmaps: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not _DEVICE_RE.match(v):
+            raise ValueError("inference.device must be auto, cpu, cuda or cuda:N")
+        return v
+
+
 class Settings(_Section):
     dicom: DicomSettings = DicomSettings()
     access: AccessSettings = AccessSettings()
@@ -274,6 +301,7 @@ class Settings(_Section):
     destinations: tuple[DestinationSettings, ...] = ()
     delivery: DeliverySettings = DeliverySettings()
     logging: LoggingSettings = LoggingSettings()
+    inference: InferenceSettings = InferenceSettings()
     # Where the file was read from (None for pure defaults); relative paths were resolved
     # against its directory.
     source: Path | None = None
@@ -331,6 +359,18 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         )
         for d in settings.destinations
     )
+
+    def fix_model(value: str) -> str:
+        if value.startswith("bundled:") or Path(value).is_absolute():
+            return value
+        return str((base / value).resolve())
+
+    inference = settings.inference.model_copy(
+        update={
+            "cxr_model": fix_model(settings.inference.cxr_model),
+            "ct_model": fix_model(settings.inference.ct_model),
+        }
+    )
     return settings.model_copy(
         update={
             "storage": storage,
@@ -338,6 +378,7 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
             "database": database,
             "reports": reports,
             "destinations": destinations,
+            "inference": inference,
         }
     )
 

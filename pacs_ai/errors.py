@@ -115,3 +115,28 @@ def dimse_status_for(exc: BaseException) -> int:
         if cls in _STATUS:
             return _STATUS[cls]
     return STATUS_PROCESSING_FAILURE
+
+
+# --- imaging and models ---------------------------------------------------------------------
+
+
+class ImagingError(PacsAiError):
+    """A stored image cannot be read, decoded or preprocessed (corrupt, unsupported, absurd)."""
+
+
+class DecodeLimitExceeded(ImagingError):
+    """Declared dimensions or the inflated size exceed the decode limits (checked before
+    decoding: absurd dimensions, decompression bombs)."""
+
+
+class NotApplicable(PacsAiError):
+    """A series or image the model cannot take (wrong modality, lateral view, localizer...)."""
+
+
+class ModelError(PacsAiError):
+    """A model directory cannot be loaded or a model failed while scoring."""
+
+
+class ModelRefused(ModelError):
+    """A model fails the deployment checks (predictions collapse to one class, AUC not above
+    the baseline, missing validation metrics, weights not matching the card)."""

@@ -1,0 +1,120 @@
+"""From a file to the model's input: the one preprocessing path shared by training and
+inference.
+
+The model input is a float32 array (channels, size, size) in [0, 1]; the model normalises it
+itself (see :mod:`pacs_ai.inference.architectures`), so what the model sees is also what a
+person can be shown.
+
+- X-ray (1 channel): decode, the VOI policy of :mod:`pacs_ai.imaging.lut` (Modality LUT,
+  VOI LUT or window, MONOCHROME1/Presentation LUT inversion), then square pixels from Pixel
+  Spacing and a letterbox into ``size`` x ``size`` padded with 0 (black).
+- CT (one channel per window): Hounsfield units (padding -> air), each window of the input
+  spec (lung WL -600/WW 1500 first, e.g. mediastinal WL 40/WW 400 second), the same letterbox
+  padded with 0.
+- PNG/JPEG (training folders like the seed notebook): read as 8/16-bit grey, scaled to [0, 1]
+  by the bit depth, then the X-ray letterbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset
+
+from pacs_ai.errors import DecodeLimitExceeded, ImagingError
+from pacs_ai.imaging.ct import LUNG_WINDOW, MEDIASTINAL_WINDOW, hu_window, to_hu
+from pacs_ai.imaging.decode import DEFAULT_LIMITS, stored_values
+from pacs_ai.imaging.geometry import fit_square, pixel_spacing
+from pacs_ai.imaging.lut import display_values
+
+PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+_MAX_PICTURE_PIXELS = DEFAULT_LIMITS.max_rows * DEFAULT_LIMITS.max_columns
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model takes: ``kind``, square ``size``, CT ``windows`` (center, width) one per
+    channel, and how many CT slices are scored per series (``ct_slices``)."""
+
+    kind: Literal["cxr", "ct"]
+    size: int
+    windows: tuple[tuple[float, float], ...] = field(default=())
+    ct_slices: int = 24
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.kind == "cxr" else len(self.windows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "size": self.size,
+            "channels": self.channels,
+            "windows": [list(w) for w in self.windows],
+            "ct_slices": self.ct_slices,
+            "range": "[0, 1]; the model normalises (cxr: per image mean/std; ct: fixed)",
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
+        return cls(
+            kind=data["kind"],
+            size=int(data["size"]),
+            windows=tuple((float(c), float(w)) for c, w in data.get("windows", [])),
+            ct_slices=int(data.get("ct_slices", 24)),
+        )
+
+    @classmethod
+    def default(cls, kind: Literal["cxr", "ct"], size: int | None = None) -> InputSpec:
+        if kind == "cxr":
+            return cls("cxr", size or 224)
+        return cls("ct", size or 128, (LUNG_WINDOW, MEDIASTINAL_WINDOW))
+
+
+def xray_input(ds: Dataset, spec: InputSpec) -> np.ndarray:
+    """A decoded-on-demand CR/DX dataset to the (1, size, size) [0, 1] model input."""
+    display = display_values(_grey(stored_values(ds)), ds)
+    out, _ = fit_square(display, spec.size, pixel_spacing(ds), pad=0.0)
+    return out[None]
+
+
+def ct_input(ds: Dataset, spec: InputSpec, frame: int | None = None) -> np.ndarray:
+    """One CT slice (or Enhanced CT frame) to the (windows, size, size) [0, 1] input."""
+    hu = to_hu(_grey(stored_values(ds, frame)), ds, frame)
+    planes = np.stack([hu_window(hu, c, w) for c, w in spec.windows])
+    out, _ = fit_square(planes, spec.size, pixel_spacing(ds), pad=0.0)
+    return out
+
+
+def picture_input(path: Path, spec: InputSpec) -> np.ndarray:
+    """A PNG/JPEG picture (grey or colour, converted to grey) to the X-ray input."""
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > _MAX_PICTURE_PIXELS:
+                raise DecodeLimitExceeded(f"picture of {img.width}x{img.height} is too large")
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float32)
+                top = 65535.0 if arr.max() > 255 else 255.0
+            else:
+                arr = np.asarray(img.convert("L"), dtype=np.float32)
+                top = 255.0
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImagingError(f"picture cannot be read: {type(exc).__name__}: {exc}") from exc
+    out, _ = fit_square(np.clip(arr / top, 0.0, 1.0), spec.size, None, pad=0.0)
+    return out[None]
+
+
+def _grey(stored: np.ndarray) -> np.ndarray:
+    if stored.ndim != 2:
+        raise ImagingError("expected a single-sample (greyscale) image")
+    return stored
+
+
+def stack_inputs(items: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack model inputs into one (N, C, S, S) float32 batch."""
+    return np.ascontiguousarray(np.stack(items), dtype=np.float32)

@@ -1,0 +1,358 @@
+"""Load a model directory and score series: device selection, batching, mixed precision.
+
+:func:`load_model` reads ``card.json`` and the weights (safetensors or a torch state dict),
+refuses models that fail :func:`pacs_ai.inference.card.check_deployable`, moves the model to
+the device (``auto``: CUDA if available, else CPU) in channels_last memory format, and warms
+it up. :meth:`LoadedModel.score_series` reads the files, preprocesses them in a background
+thread while the model runs on the previous batch (decode overlapped with inference),
+batches across all images of all series, and aggregates per series
+(:mod:`pacs_ai.inference.aggregate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import numpy as np
+import torch
+from pydicom.dataset import Dataset
+from safetensors.torch import load_file, save_file
+
+from pacs_ai.errors import ModelError, NotApplicable
+from pacs_ai.imaging.ct import plan_volume, select_evenly
+from pacs_ai.imaging.decode import read_dataset, read_header
+from pacs_ai.imaging.gating import CT_SOP_CLASSES, xray_image_problem
+from pacs_ai.imaging.prepare import ct_input, stack_inputs, xray_input
+from pacs_ai.inference.aggregate import aggregate, suspicion
+from pacs_ai.inference.architectures import Classifier, build_model
+from pacs_ai.inference.cam import grad_cam
+from pacs_ai.inference.card import (
+    SAFETENSORS_FILE,
+    STATE_DICT_FILE,
+    ModelCard,
+    check_deployable,
+    load_card,
+)
+
+log = logging.getLogger(__name__)
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+@dataclass
+class SeriesScore:
+    """The score of one series.
+
+    ``probabilities``: calibrated probability per class label (sums to 1).
+    ``present``: per reportable finding label, probability >= its threshold.
+    ``thresholds``: the operating threshold per reportable finding label.
+    ``used_instances``: SOP Instance UIDs of the images that were scored.
+    ``heatmap``: Grad-CAM (H, W) float32 in [0, 1] over ``display_image`` for the most
+    probable finding, or None (no reportable finding class).
+    ``display_image``: (H, W) float32 in [0, 1]: the preprocessed X-ray, or the most
+    suspicious CT slice in the lung window.
+    """
+
+    probabilities: dict[str, float]
+    present: dict[str, bool]
+    thresholds: dict[str, float]
+    used_instances: list[str]
+    heatmap: np.ndarray | None
+    display_image: np.ndarray | None
+
+
+def select_device(device: str = "auto") -> torch.device:
+    """``auto``: the first CUDA device if one is usable, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {device!r} requested but CUDA is not available")
+        return torch.device("cuda", dev.index or 0)
+    if dev.type != "cpu":
+        raise ModelError(f"unsupported device {device!r}")
+    return dev
+
+
+def _autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | None:
+    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ModelError("fp16 autocast needs a CUDA device")
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def save_weights(model: torch.nn.Module, model_dir: Path, half: bool = True) -> tuple[str, str]:
+    """Write the state dict as safetensors (fp16 floats when ``half``: half the size, the
+    model runs in fp32 after loading). Returns (file name, sha256)."""
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    path = model_dir / SAFETENSORS_FILE
+    save_file(state, str(path))
+    return path.name, _sha256(path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_state(model_dir: Path, card: ModelCard) -> dict[str, torch.Tensor]:
+    path = model_dir / card.weights_file
+    if not path.is_file():
+        alternatives = [model_dir / n for n in (SAFETENSORS_FILE, STATE_DICT_FILE)]
+        path = next((p for p in alternatives if p.is_file()), path)
+    if not path.is_file():
+        raise ModelError(f"no weights in {model_dir} (expected {card.weights_file})")
+    if card.weights_sha256 and _sha256(path) != card.weights_sha256:
+        raise ModelError(f"{path.name} does not match the sha256 in the model card")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt files raise many types
+        raise ModelError(f"cannot read weights {path.name}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise ModelError(f"{path.name} is not a state dict")
+    return state
+
+
+def build_from_card(card: ModelCard) -> Classifier:
+    return build_model(
+        card.arch,
+        card.input.channels,
+        len(card.classes),
+        "per_image" if card.kind == "cxr" else "fixed",
+    )
+
+
+class LoadedModel:
+    """One loaded, warmed-up classifier (see module doc). ``card``: its :class:`ModelCard`;
+    ``device``: the device actually used ("cpu", "cuda:0")."""
+
+    def __init__(
+        self,
+        card: ModelCard,
+        model: Classifier,
+        device: torch.device,
+        batch_size: int = 16,
+        precision: Precision = "auto",
+    ) -> None:
+        self.card = card
+        self.batch_size = max(1, int(batch_size))
+        self._torch_device = device
+        self.device = str(device)
+        self._autocast = _autocast_dtype(device, precision)
+        self._model = model.to(device).to(memory_format=torch.channels_last).eval()
+        self._finding_idx = [card.classes.index(f.label) for f in card.findings]
+
+    @property
+    def module(self) -> Classifier:
+        return self._model
+
+    def warm_up(self) -> None:
+        s, c = self.card.input.size, self.card.input.channels
+        self.predict(np.zeros((1, c, s, s), dtype=np.float32))
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(self._torch_device, non_blocking=True)
+        x = x.contiguous(memory_format=torch.channels_last)
+        ctx = (
+            torch.autocast(self._torch_device.type, dtype=self._autocast)
+            if self._autocast is not None
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), ctx:
+            logits = self._model(x).float() / self.card.temperature
+            return torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64)
+
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (N, K) for model inputs (N, C, S, S), in batches."""
+        out = [
+            self._forward(np.ascontiguousarray(inputs[i : i + self.batch_size]))
+            for i in range(0, len(inputs), self.batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, len(self.card.classes)))
+
+    def heatmap(self, model_input: np.ndarray, class_label: str) -> np.ndarray:
+        """Grad-CAM over one model input (C, S, S) for ``class_label``."""
+        x = torch.from_numpy(model_input[None].astype(np.float32)).to(self._torch_device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        return grad_cam(self._model, x, self.card.classes.index(class_label))
+
+    def score_series(
+        self, series: Sequence[Sequence[Path]], *, heatmaps: bool = True
+    ) -> list[SeriesScore]:
+        """Score each series (the DICOM files of one series per inner sequence).
+
+        Images of all series are batched together. Raises
+        :class:`~pacs_ai.errors.NotApplicable` when a series has no image this model can
+        take, :class:`~pacs_ai.errors.ImagingError` when a file cannot be read or decoded,
+        :class:`~pacs_ai.errors.DecodeLimitExceeded` for absurd dimensions or bombs.
+        """
+        plans = [self._plan(list(paths)) for paths in series]
+        items = [(si, item) for si, plan in enumerate(plans) for item in plan]
+        probs: list[np.ndarray] = []
+        inputs: list[np.ndarray] = []
+        pending: list[np.ndarray] = []
+        cache = _LastDataset()
+
+        def prepare(item: tuple[Path, int | None, str, str]) -> np.ndarray:
+            return self._prepare(item, cache)
+
+        for arr in _prefetch(prepare, [it for _, it in items], 2 * self.batch_size):
+            pending.append(arr)
+            inputs.append(arr)
+            if len(pending) == self.batch_size:
+                probs.append(self._forward(stack_inputs(pending)))
+                pending = []
+        if pending:
+            probs.append(self._forward(stack_inputs(pending)))
+        all_probs = np.concatenate(probs) if probs else np.zeros((0, len(self.card.classes)))
+        out: list[SeriesScore] = []
+        for si, plan in enumerate(plans):
+            idx = [i for i, (s, _) in enumerate(items) if s == si]
+            out.append(
+                self._series_score(
+                    all_probs[idx], [inputs[i] for i in idx], [p[3] for p in plan], heatmaps
+                )
+            )
+        return out
+
+    def _series_score(
+        self, probs: np.ndarray, inputs: list[np.ndarray], uids: list[str], heatmaps: bool
+    ) -> SeriesScore:
+        series_probs = aggregate(probs, self._finding_idx, self.card.aggregation)
+        labels = self.card.classes
+        probabilities = {c: float(series_probs[i]) for i, c in enumerate(labels)}
+        thresholds = {f.label: float(self.card.thresholds[f.label]) for f in self.card.findings}
+        present = {k: probabilities[k] >= t for k, t in thresholds.items()}
+        best = int(suspicion(probs, self._finding_idx).argmax())
+        display = inputs[best][0].copy()
+        heat = None
+        if heatmaps and self.card.findings:
+            top = max(thresholds, key=lambda k: probabilities[k])
+            heat = self.heatmap(inputs[best], top)
+        return SeriesScore(
+            probabilities=probabilities,
+            present=present,
+            thresholds=thresholds,
+            used_instances=list(dict.fromkeys(uids)),
+            heatmap=heat,
+            display_image=display,
+        )
+
+    # A plan item: (path, frame or None, kind, SOP Instance UID).
+    def _plan(self, paths: list[Path]) -> list[tuple[Path, int | None, str, str]]:
+        headers = [read_header(p) for p in paths]
+        if self.card.kind == "cxr":
+            plan: list[tuple[Path, int | None, str, str]] = [
+                (p, None, "cxr", str(h.get("SOPInstanceUID", "")))
+                for p, h in zip(paths, headers, strict=True)
+                if xray_image_problem(h) is None
+            ]
+            if not plan:
+                raise NotApplicable("no frontal chest X-ray image in the series")
+            return plan
+        ct_headers = [h for h in headers if str(h.get("SOPClassUID", "")) in CT_SOP_CLASSES]
+        ct_paths = [
+            p
+            for p, h in zip(paths, headers, strict=True)
+            if str(h.get("SOPClassUID", "")) in CT_SOP_CLASSES
+        ]
+        slices = select_evenly(plan_volume(ct_headers), self.card.input.ct_slices)
+        if not slices:
+            raise NotApplicable("no axial CT slice in the series")
+        return [(ct_paths[s.index], s.frame, "ct", s.sop_uid) for s in slices]
+
+    def _prepare(self, item: tuple[Path, int | None, str, str], cache: _LastDataset) -> np.ndarray:
+        path, frame, kind, _ = item
+        ds = cache.read(path)
+        if kind == "cxr":
+            return xray_input(ds, self.card.input)
+        return ct_input(ds, self.card.input, frame)
+
+
+class _LastDataset:
+    """Keeps the last dataset read, so the frames of one Enhanced CT file are read once."""
+
+    def __init__(self) -> None:
+        self._path: Path | None = None
+        self._ds: Dataset | None = None
+
+    def read(self, path: Path) -> Dataset:
+        if self._ds is None or self._path != path:
+            self._ds = read_dataset(path)
+            self._path = path
+        return self._ds
+
+
+def _prefetch(fn: Callable[[_T], _R], items: Iterable[_T], depth: int) -> Iterator[_R]:
+    """``map(fn, items)`` computed in one background thread, at most ``depth`` ahead."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacs-ai-prep") as pool:
+        queue: deque[Future[_R]] = deque()
+        source = iter(items)
+        for item in source:
+            queue.append(pool.submit(fn, item))
+            if len(queue) >= depth:
+                break
+        while queue:
+            result = queue.popleft().result()
+            nxt = next(source, None)
+            if nxt is not None:
+                queue.append(pool.submit(fn, nxt))
+            yield result
+
+
+def load_model(
+    model_dir: Path,
+    device: str = "auto",
+    batch_size: int = 16,
+    *,
+    precision: Precision = "auto",
+    warmup: bool = True,
+    require_deployable: bool = True,
+) -> LoadedModel:
+    """Load a model directory (``card.json`` + weights), offline.
+
+    Raises :class:`~pacs_ai.errors.ModelRefused` for a model that fails the deployment check
+    (predictions collapse to one class, AUC not above baseline, no validation metrics) and
+    :class:`~pacs_ai.errors.ModelError` when the directory or weights cannot be used.
+    ``require_deployable=False`` skips the refusal (``pacs-ai evaluate`` of any model).
+    """
+    model_dir = Path(model_dir)
+    card = load_card(model_dir)
+    if require_deployable:
+        check_deployable(card)
+    model = build_from_card(card)
+    state = _load_state(model_dir, card)
+    try:
+        model.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        )
+    except RuntimeError as exc:
+        raise ModelError(f"weights do not fit architecture {card.arch!r}: {exc}") from exc
+    loaded = LoadedModel(card, model, select_device(device), batch_size, precision)
+    if warmup:
+        loaded.warm_up()
+    log.info("model %s %s loaded on %s", card.name, card.version, loaded.device)
+    return loaded

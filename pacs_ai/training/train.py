@@ -1,0 +1,347 @@
+"""``pacs-ai train``: fit a classifier on class folders, calibrate it, pick thresholds,
+write the model card, weights and plots, and refuse degenerate models.
+
+Steps: discover samples and split them by patient (stratified), preprocess once exactly as
+inference does, train with class-weighted cross-entropy and augmentation (progress bar),
+keep the best epoch on the validation set (macro ROC AUC, then loss) with early stopping
+and a checkpoint, fit a temperature on the validation set, choose each finding's threshold
+for the target sensitivity on the validation set, compute the validation metrics (and the
+test metrics when a separate test folder is given), write ``card.json``,
+``model.safetensors``, ``roc.png`` and ``confusion.png``, then apply the deployment check.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pacs_ai import __version__
+from pacs_ai.errors import ModelRefused
+from pacs_ai.imaging.prepare import InputSpec
+from pacs_ai.inference.aggregate import aggregate
+from pacs_ai.inference.architectures import Classifier
+from pacs_ai.inference.card import ModelCard, deployment_problems, findings_for
+from pacs_ai.inference.runner import build_from_card, save_weights, select_device
+from pacs_ai.training.augment import augment
+from pacs_ai.training.datasets import (
+    Sample,
+    discover,
+    load_ct_inputs,
+    load_xray_inputs,
+    patient_split,
+)
+from pacs_ai.training.metrics import (
+    classification_report,
+    fit_temperature,
+    threshold_for_sensitivity,
+)
+from pacs_ai.training.plots import plot_confusion, plot_roc
+
+log = logging.getLogger(__name__)
+CT_AGGREGATION = "topk_mean:0.25"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    kind: Literal["cxr", "ct"]
+    arch: str = "resnet18_slim"
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    device: str = "auto"
+    seed: int = 0
+    size: int | None = None
+    ct_slices: int = 24
+    val_fraction: float = 0.2
+    patience: int = 5
+    target_sensitivity: float = 0.9
+    groups: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    name: str = ""
+    version: str = "1"
+    demo: bool = False
+    augment: bool = True
+    progress: bool = True
+    command: str = ""
+    data_description: str = ""
+    test_dir: Path | None = None
+
+
+@dataclass
+class _Data:
+    classes: tuple[str, ...]
+    labels: np.ndarray
+    inputs: np.ndarray | list[np.ndarray]  # cxr: (N, 1, S, S); ct: per series (K, C, S, S)
+
+
+def _load(
+    data_dir: Path, opts: TrainOptions, spec: InputSpec, classes: tuple[str, ...] | None
+) -> tuple[_Data, list[Sample]]:
+    found, samples = discover(data_dir, opts.kind, opts.groups)
+    if classes is not None and found != classes:
+        raise ModelRefused(f"{data_dir} has classes {list(found)}, the model {list(classes)}")
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    if opts.kind == "cxr":
+        inputs: np.ndarray | list[np.ndarray] = load_xray_inputs(samples, spec, opts.progress)
+    else:
+        inputs = load_ct_inputs(samples, spec, opts.progress)
+    return _Data(found, labels, inputs), samples
+
+
+def _logits(
+    model: Classifier, inputs: np.ndarray | list[np.ndarray], device: torch.device, batch: int
+) -> list[np.ndarray]:
+    """Raw logits per unit: one (1, K) row per X-ray image, (slices, K) per CT series."""
+    model.eval()
+    units = (
+        [inputs[i : i + 1] for i in range(len(inputs))]
+        if isinstance(inputs, np.ndarray)
+        else inputs
+    )
+    flat = np.concatenate(units).astype(np.float32)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(flat), batch):
+            x = torch.from_numpy(flat[i : i + batch]).to(device)
+            out.append(model(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy())
+    logits = np.concatenate(out)
+    sizes = np.cumsum([len(u) for u in units])[:-1]
+    return list(np.split(logits, sizes))
+
+
+def _unit_probs(
+    logits: list[np.ndarray], temperature: float, finding_idx: list[int], aggregation: str
+) -> np.ndarray:
+    rows = []
+    for lg in logits:
+        p = torch.softmax(torch.from_numpy(lg / temperature), dim=1).numpy().astype(np.float64)
+        rows.append(aggregate(p, finding_idx, aggregation))
+    return np.stack(rows)
+
+
+def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)).mean())
+
+
+def _macro_auc(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    aucs = []
+    for j in range(k):
+        truth = labels == j
+        if 0 < truth.sum() < len(truth):
+            aucs.append(float(roc_auc_score(truth, probs[:, j])))
+    return float(np.mean(aucs)) if aucs else 0.5
+
+
+def train(data_dir: Path, out_dir: Path, opts: TrainOptions) -> ModelCard:
+    """Train, calibrate, evaluate and write a model directory (module doc). Raises
+    :class:`~pacs_ai.errors.ModelRefused` (after writing the card, which records why) when
+    the model fails the deployment check."""
+    started = time.monotonic()
+    torch.manual_seed(opts.seed)
+    rng = np.random.default_rng(opts.seed)
+    spec = InputSpec.default(opts.kind, opts.size)
+    if opts.kind == "ct":
+        spec = InputSpec("ct", spec.size, spec.windows, opts.ct_slices)
+    data, samples = _load(data_dir, opts, spec, None)
+    classes = data.classes
+    findings = findings_for(classes)
+    finding_idx = [classes.index(f.label) for f in findings]
+    aggregation = CT_AGGREGATION if opts.kind == "ct" else "max_image"
+    train_idx, val_idx = patient_split(
+        data.labels, [s.group for s in samples], opts.val_fraction, opts.seed
+    )
+    if len(set(data.labels[val_idx].tolist())) < 2:
+        raise ModelRefused("the validation split holds fewer than two classes; add data")
+    device = select_device(opts.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    card = ModelCard(
+        name=opts.name or f"pacs-ai-{opts.kind}",
+        version=opts.version,
+        kind=opts.kind,
+        arch=opts.arch,
+        classes=classes,
+        input=spec,
+        thresholds={},
+        findings=findings,
+        demo=opts.demo,
+        aggregation=aggregation,
+    )
+    model = build_from_card(card).to(device).to(memory_format=torch.channels_last)
+
+    # training units: X-ray images, or CT slices carrying their series' label
+    if isinstance(data.inputs, np.ndarray):
+        x_train = data.inputs[train_idx]
+        y_train = data.labels[train_idx]
+        val_inputs: np.ndarray | list[np.ndarray] = data.inputs[val_idx]
+    else:
+        x_train = np.concatenate([data.inputs[i] for i in train_idx])
+        y_train = np.concatenate([np.full(len(data.inputs[i]), data.labels[i]) for i in train_idx])
+        val_inputs = [data.inputs[i] for i in val_idx]
+    y_val = data.labels[val_idx]
+    counts = np.bincount(y_train, minlength=len(classes)).astype(np.float32)
+    weights = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(classes)).to(device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(x_train) / opts.batch_size))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=opts.lr, total_steps=opts.epochs * steps_per_epoch, pct_start=0.2
+    )
+    gen = torch.Generator().manual_seed(opts.seed)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    best: tuple[float, float] = (-1.0, math.inf)
+    best_state: dict[str, torch.Tensor] = {}
+    best_epoch, stale = 0, 0
+    history = []
+    for epoch in range(1, opts.epochs + 1):
+        model.train()
+        order = rng.permutation(len(x_train))
+        total = 0.0
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch}/{opts.epochs}",
+            disable=not opts.progress,
+            leave=False,
+        )
+        for step in bar:
+            idx = order[step * opts.batch_size : (step + 1) * opts.batch_size]
+            xb = torch.from_numpy(x_train[idx].astype(np.float32))
+            if opts.augment:
+                xb = augment(xb, gen, intensity=opts.kind == "cxr")
+            xb = xb.to(device).contiguous(memory_format=torch.channels_last)
+            yb = torch.from_numpy(y_train[idx]).to(device)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = F.cross_entropy(model(xb).float(), yb, weight=weights)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            total += float(loss.detach()) * len(idx)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        val_probs = _unit_probs(
+            _logits(model, val_inputs, device, 64), 1.0, finding_idx, aggregation
+        )
+        auc, vloss = _macro_auc(val_probs, y_val, len(classes)), _nll(val_probs, y_val)
+        history.append(
+            {"epoch": epoch, "train_loss": total / len(x_train), "val_loss": vloss, "val_auc": auc}
+        )
+        log.info(
+            "epoch %d: train loss %.4f val loss %.4f val AUC %.4f",
+            epoch,
+            total / len(x_train),
+            vloss,
+            auc,
+        )
+        if opts.progress:
+            print(
+                f"epoch {epoch}: train loss {total / len(x_train):.4f}  "
+                f"val loss {vloss:.4f}  val macro AUC {auc:.4f}"
+            )
+        if auc > best[0] + 1e-4 or (auc >= best[0] - 1e-4 and vloss < best[1]):
+            best, best_epoch, stale = (auc, vloss), epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+            torch.save({"epoch": epoch, "state_dict": best_state}, out_dir / CHECKPOINT_FILE)
+        else:
+            stale += 1
+            if stale >= opts.patience:
+                break
+    model.load_state_dict(best_state)
+    val_logits = _logits(model, val_inputs, device, 64)
+    temperature = fit_temperature(
+        lambda t: _nll(_unit_probs(val_logits, t, finding_idx, aggregation), y_val)
+    )
+    val_probs = _unit_probs(val_logits, temperature, finding_idx, aggregation)
+    thresholds = {
+        f.label: threshold_for_sensitivity(
+            (y_val == classes.index(f.label)).astype(np.int64),
+            val_probs[:, classes.index(f.label)],
+            opts.target_sensitivity,
+        )
+        for f in findings
+    }
+    metrics: dict[str, Any] = {
+        "validation": classification_report(y_val, val_probs, classes, thresholds),
+        "validation_note": (
+            f"patient-level stratified hold-out ({opts.val_fraction:.0%}) of the training "
+            "folders; it also chose the epoch, temperature and thresholds, so it is optimistic"
+        ),
+    }
+    if opts.test_dir is not None:
+        test, _ = _load(opts.test_dir, opts, spec, classes)
+        test_probs = _unit_probs(
+            _logits(model, test.inputs, device, 64), temperature, finding_idx, aggregation
+        )
+        metrics["test"] = classification_report(test.labels, test_probs, classes, thresholds)
+        metrics["test_note"] = f"independent folder {opts.test_dir.name}, not used in training"
+    problems = deployment_problems(metrics["validation"], classes)
+    weights_file, sha = save_weights(model.cpu(), out_dir)
+    counts_all = np.bincount(data.labels, minlength=len(classes))
+    card = ModelCard(
+        name=card.name,
+        version=opts.version,
+        kind=opts.kind,
+        arch=opts.arch,
+        classes=classes,
+        input=spec,
+        thresholds=thresholds,
+        findings=findings,
+        demo=opts.demo,
+        temperature=temperature,
+        aggregation=aggregation,
+        threshold_policy=(
+            f"per finding, the highest threshold reaching sensitivity >= "
+            f"{opts.target_sensitivity:g} on the validation set (after temperature scaling)"
+        ),
+        intended_use=(
+            "DEMO ONLY - trained on synthetic phantoms; not for clinical use"
+            if opts.demo
+            else "research use; validate on local data before any clinical use"
+        ),
+        weights_file=weights_file,
+        weights_sha256=sha,
+        metrics=metrics,
+        training={
+            "data": opts.data_description or str(data_dir.name),
+            "class_counts": {c: int(counts_all[j]) for j, c in enumerate(classes)},
+            "train_units": len(train_idx),
+            "validation_units": len(val_idx),
+            "split": "stratified by class, grouped by Patient ID (StratifiedGroupKFold)",
+            "preprocessing": "pacs_ai.imaging.prepare (VOI policy of pacs_ai.imaging.lut)",
+            "augmentation": (
+                "shear 0.2, zoom 0.2, horizontal flip, shift 5%, gamma/contrast/brightness, noise"
+                if opts.augment
+                else "none"
+            ),
+            "epochs_run": len(history),
+            "best_epoch": best_epoch,
+            "batch_size": opts.batch_size,
+            "lr": opts.lr,
+            "seed": opts.seed,
+            "device": str(device),
+            "seconds": round(time.monotonic() - started, 1),
+            "command": opts.command,
+            "pacs_ai_version": __version__,
+            "torch_version": torch.__version__,
+            "history": history,
+            "deployment_problems": problems,
+        },
+    )
+    card.save(out_dir)
+    plot_roc(y_val, val_probs, classes, out_dir / "roc.png", f"{card.name} validation ROC")
+    plot_confusion(metrics["validation"], out_dir / "confusion.png", f"{card.name} validation")
+    (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    if problems:
+        raise ModelRefused("model refused for deployment: " + "; ".join(problems))
+    return card
