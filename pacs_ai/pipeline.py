@@ -403,7 +403,7 @@ class Pipeline:
                 conn.execute(
                     update(Series)
                     .where(Series.id == s.series_id)
-                    .values(not_applicable_reason=None if s.model else (s.reason or None)[:200])
+                    .values(not_applicable_reason=None if s.model else (s.reason[:200] or None))
                 )
             for key, results in scores.items():
                 card = models[key].card

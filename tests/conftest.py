@@ -104,6 +104,8 @@ def make_settings(tmp_path: Path, db_url: str, **sections: dict[str, Any]) -> Se
             "sweep_interval_seconds": 0.2,
         },
         "logging": {"level": "DEBUG"},
+        # Ingest tests look at studies as assembly leaves them; pipeline tests turn it on.
+        "pipeline": {"enabled": False},
     }
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)

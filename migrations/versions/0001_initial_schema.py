@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-26 21:54:07.306223
+Create Date: 2026-11-26
 
 """
 from typing import Sequence, Union
@@ -83,22 +83,19 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('study_id', sa.Integer(), nullable=False),
     sa.Column('study_revision', sa.Integer(), nullable=False),
-    sa.Column('model_name', sa.String(length=64), nullable=False),
-    sa.Column('model_version', sa.String(length=64), nullable=True),
+    sa.Column('attempt', sa.Integer(), nullable=False),
+    sa.Column('state', sa.Enum('running', 'succeeded', 'failed', 'dead', name='job_state', native_enum=False, length=20), nullable=False),
+    sa.Column('models', sa.String(length=200), nullable=True),
     sa.Column('device', sa.String(length=32), nullable=True),
-    sa.Column('state', sa.Enum('queued', 'running', 'succeeded', 'failed', 'dead', name='job_state', native_enum=False, length=20), nullable=False),
-    sa.Column('attempts', sa.Integer(), nullable=False),
-    sa.Column('next_attempt_at', pacs_ai.db.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('claimed_by', sa.String(length=64), nullable=True),
-    sa.Column('created_at', pacs_ai.db.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('started_at', pacs_ai.db.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('started_at', pacs_ai.db.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('finished_at', pacs_ai.db.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('preprocess_ms', sa.Float(), nullable=True),
-    sa.Column('inference_ms', sa.Float(), nullable=True),
+    sa.Column('duration_ms', sa.Float(), nullable=True),
+    sa.Column('next_attempt_at', pacs_ai.db.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('error', sa.Text(), nullable=True),
     sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_jobs_study_id_studies')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_jobs')),
-    sa.UniqueConstraint('study_id', 'study_revision', 'model_name', name=op.f('uq_jobs_study_id_study_revision_model_name'))
+    sa.UniqueConstraint('study_id', 'study_revision', 'attempt', name=op.f('uq_jobs_study_id_study_revision_attempt'))
     )
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_jobs_next_attempt_at'), ['next_attempt_at'], unique=False)
@@ -128,34 +125,12 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_series_state'), ['state'], unique=False)
         batch_op.create_index(batch_op.f('ix_series_study_id'), ['study_id'], unique=False)
 
-    op.create_table('deliveries',
-    sa.Column('id', sa.Integer(), nullable=False),
-    sa.Column('study_id', sa.Integer(), nullable=False),
-    sa.Column('job_id', sa.Integer(), nullable=True),
-    sa.Column('destination', sa.String(length=64), nullable=False),
-    sa.Column('sop_instance_uid', sa.String(length=64), nullable=False),
-    sa.Column('sop_class_uid', sa.String(length=64), nullable=False),
-    sa.Column('path', sa.String(length=300), nullable=False),
-    sa.Column('state', sa.Enum('pending', 'delivered', 'failed', 'dead', name='delivery_state', native_enum=False, length=20), nullable=False),
-    sa.Column('attempts', sa.Integer(), nullable=False),
-    sa.Column('last_status', sa.Integer(), nullable=True),
-    sa.Column('last_error', sa.String(length=300), nullable=True),
-    sa.Column('next_attempt_at', pacs_ai.db.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('created_at', pacs_ai.db.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('delivered_at', pacs_ai.db.models.UTCDateTime(timezone=True), nullable=True),
-    sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_deliveries_job_id_jobs')),
-    sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_deliveries_study_id_studies')),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_deliveries')),
-    sa.UniqueConstraint('sop_instance_uid', 'destination', name=op.f('uq_deliveries_sop_instance_uid_destination'))
-    )
-    with op.batch_alter_table('deliveries', schema=None) as batch_op:
-        batch_op.create_index('ix_deliveries_state_next', ['state', 'next_attempt_at'], unique=False)
-        batch_op.create_index(batch_op.f('ix_deliveries_study_id'), ['study_id'], unique=False)
-
     op.create_table('findings',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('job_id', sa.Integer(), nullable=False),
     sa.Column('series_id', sa.Integer(), nullable=True),
+    sa.Column('model_name', sa.String(length=64), nullable=False),
+    sa.Column('model_version', sa.String(length=64), nullable=False),
     sa.Column('label', sa.String(length=64), nullable=False),
     sa.Column('probability', sa.Float(), nullable=False),
     sa.Column('threshold', sa.Float(), nullable=False),
@@ -196,12 +171,65 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_instances_sop_instance_uid'), ['sop_instance_uid'], unique=False)
         batch_op.create_index(batch_op.f('ix_instances_study_id'), ['study_id'], unique=False)
 
+    op.create_table('reports',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('study_id', sa.Integer(), nullable=False),
+    sa.Column('job_id', sa.Integer(), nullable=True),
+    sa.Column('study_revision', sa.Integer(), nullable=False),
+    sa.Column('kind', sa.String(length=16), nullable=False),
+    sa.Column('sop_instance_uid', sa.String(length=64), nullable=False),
+    sa.Column('series_instance_uid', sa.String(length=64), nullable=False),
+    sa.Column('sop_class_uid', sa.String(length=64), nullable=False),
+    sa.Column('path', sa.String(length=300), nullable=False),
+    sa.Column('created_at', pacs_ai.db.models.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_reports_job_id_jobs')),
+    sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_reports_study_id_studies')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_reports')),
+    sa.UniqueConstraint('sop_instance_uid', name=op.f('uq_reports_sop_instance_uid'))
+    )
+    with op.batch_alter_table('reports', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_reports_study_id'), ['study_id'], unique=False)
+
+    op.create_table('deliveries',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('report_id', sa.Integer(), nullable=False),
+    sa.Column('study_id', sa.Integer(), nullable=False),
+    sa.Column('destination', sa.String(length=64), nullable=False),
+    sa.Column('ae_title', sa.String(length=16), nullable=False),
+    sa.Column('host', sa.String(length=255), nullable=False),
+    sa.Column('port', sa.Integer(), nullable=False),
+    sa.Column('state', sa.Enum('pending', 'sending', 'delivered', 'failed', 'dead', name='delivery_state', native_enum=False, length=20), nullable=False),
+    sa.Column('attempts', sa.Integer(), nullable=False),
+    sa.Column('last_status', sa.Integer(), nullable=True),
+    sa.Column('last_error', sa.String(length=300), nullable=True),
+    sa.Column('next_attempt_at', pacs_ai.db.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('claimed_at', pacs_ai.db.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', pacs_ai.db.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('delivered_at', pacs_ai.db.models.UTCDateTime(timezone=True), nullable=True),
+    sa.ForeignKeyConstraint(['report_id'], ['reports.id'], name=op.f('fk_deliveries_report_id_reports')),
+    sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_deliveries_study_id_studies')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_deliveries')),
+    sa.UniqueConstraint('report_id', 'destination', name=op.f('uq_deliveries_report_id_destination'))
+    )
+    with op.batch_alter_table('deliveries', schema=None) as batch_op:
+        batch_op.create_index('ix_deliveries_state_next', ['state', 'next_attempt_at'], unique=False)
+        batch_op.create_index(batch_op.f('ix_deliveries_study_id'), ['study_id'], unique=False)
+
     # ### end Alembic commands ###
 
 
 def downgrade() -> None:
     """Downgrade schema."""
     # ### commands auto generated by Alembic - please adjust! ###
+    with op.batch_alter_table('deliveries', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_deliveries_study_id'))
+        batch_op.drop_index('ix_deliveries_state_next')
+
+    op.drop_table('deliveries')
+    with op.batch_alter_table('reports', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_reports_study_id'))
+
+    op.drop_table('reports')
     with op.batch_alter_table('instances', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_instances_study_id'))
         batch_op.drop_index(batch_op.f('ix_instances_sop_instance_uid'))
@@ -214,11 +242,6 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_findings_job_id'))
 
     op.drop_table('findings')
-    with op.batch_alter_table('deliveries', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_deliveries_study_id'))
-        batch_op.drop_index('ix_deliveries_state_next')
-
-    op.drop_table('deliveries')
     with op.batch_alter_table('series', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_series_study_id'))
         batch_op.drop_index(batch_op.f('ix_series_state'))

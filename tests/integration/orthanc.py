@@ -50,7 +50,9 @@ class Orthanc:
         path.write_text(json.dumps(self._config()))
         log = (self.workdir / "orthanc.log").open("ab")
         self.proc = subprocess.Popen(
-            [require_tool("Orthanc"), str(path)], stdout=log, stderr=subprocess.STDOUT,
+            [require_tool("Orthanc"), str(path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
             env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
         )
         deadline = time.monotonic() + timeout

@@ -120,8 +120,10 @@ def test_bits_stored_high_bits_are_masked(tmp_path: Path) -> None:
 
 def test_real_monochrome1_cr_and_its_jpeg2000_variants_preprocess_alike() -> None:
     spec = InputSpec.default("cxr", 224)
-    images = {n: xray_input(read_dataset(_data(n)), spec)[0] for n in
-              ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")}
+    images = {
+        n: xray_input(read_dataset(_data(n)), spec)[0]
+        for n in ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
+    }
     assert np.array_equal(images["RG1_UNCR.dcm"], images["RG1_J2KR.dcm"])
     assert np.abs(images["RG1_UNCR.dcm"] - images["RG1_J2KI.dcm"]).mean() < 0.01
     img = images["RG1_UNCR.dcm"]
