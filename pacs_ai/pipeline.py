@@ -509,7 +509,7 @@ class Pipeline:
         best = max(results, key=lambda r: r[1].probabilities.get(top, 0.0) if top else 0.0)[1]
         headers = {str(h.SOPInstanceUID): h for s, _ in results for h in s.headers}
         sources = [headers[uid] for _, score in results for uid in score.used_instances]
-        parameters = {f"threshold {f.label}": f"{f.threshold:g}" for f in findings}
+        parameters = {f"threshold {f.label}": repr(f.threshold) for f in findings}
         parameters["input"] = _describe_input(card)
         if card.aggregation and card.aggregation != "none":
             parameters["slice aggregation"] = card.aggregation
