@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -48,30 +49,30 @@ from pacs_ai.db.models import (
 from pacs_ai.delivery.outbox import Outbox
 from pacs_ai.errors import ImagingError, PacsAiError
 from pacs_ai.imaging.gating import assess_series
-from pacs_ai.inference import LoadedModel, SeriesScore, load_model, resolve_model_dir
 from pacs_ai.ingest.recorder import write_audit
 from pacs_ai.ingest.spool import Spool
 from pacs_ai.logs import uid_ref
-from pacs_ai.reporting import (
-    AlgorithmInfo,
-    Code,
-    FindingResult,
-    PriorReport,
-    ReportRequest,
-    build_sr,
-    build_summary_image,
-    build_text_sr,
-    write_object,
-)
+
+# torch (inference) and highdicom (reporting) take seconds to import; they are imported on the
+# pipeline thread when it first needs them, so `serve` starts listening at once.
+if TYPE_CHECKING:
+    from pacs_ai.inference import LoadedModel, SeriesScore
+    from pacs_ai.reporting import ReportRequest
 
 log = logging.getLogger(__name__)
 
-_BUILDERS: dict[str, Callable[[ReportRequest], Dataset]] = {
-    "sr": build_sr,
-    "summary": build_summary_image,
-    "text_sr": build_text_sr,
-}
 MANUFACTURER = "pacs-ai project"
+
+
+def _builder(kind: str) -> Callable[[ReportRequest], Dataset]:
+    from pacs_ai import reporting
+
+    builders: dict[str, Callable[[ReportRequest], Dataset]] = {
+        "sr": reporting.build_sr,
+        "summary": reporting.build_summary_image,
+        "text_sr": reporting.build_text_sr,
+    }
+    return builders[kind]
 
 
 class ModelProvider:
@@ -83,6 +84,8 @@ class ModelProvider:
         self._lock = threading.Lock()
 
     def get(self, key: str) -> LoadedModel:
+        from pacs_ai.inference import load_model, resolve_model_dir
+
         with self._lock:
             if key not in self._models:
                 inf = self._settings.inference
@@ -374,12 +377,14 @@ class Pipeline:
     ) -> None:
         now = self._clock()
         requests = [self._report_request(claim, models[k], r) for k, r in scores.items()]
+        from pacs_ai.reporting import write_object
+
         kinds = self._object_kinds()
         reports_dir = self._settings.reports.path / f"study-{claim.study_id}"
         built: list[tuple[str, Dataset, Path]] = []  # kind, dataset, file
         for req in requests:
             for kind in kinds:
-                ds = _BUILDERS[kind](self._with_predecessor(claim, kind, req))
+                ds = _builder(kind)(self._with_predecessor(claim, kind, req))
                 built.append((kind, ds, write_object(ds, reports_dir)))
 
         with self._engine.begin() as conn:
@@ -491,6 +496,8 @@ class Pipeline:
     def _report_request(
         self, claim: _Claim, model: LoadedModel, results: list[tuple[_SeriesInput, SeriesScore]]
     ) -> ReportRequest:
+        from pacs_ai.reporting import AlgorithmInfo, Code, FindingResult, ReportRequest
+
         card = model.card
         findings = []
         for f in card.findings:
@@ -538,6 +545,8 @@ class Pipeline:
             ).first()
         if prior is None:
             return req
+        from pacs_ai.reporting import PriorReport
+
         return replace(req, predecessor=PriorReport(claim.study_uid, *prior))
 
     def _fail(self, claim: _Claim, exc: BaseException) -> None:

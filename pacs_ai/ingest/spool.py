@@ -215,7 +215,11 @@ class Spool:
         return st.f_bavail * st.f_frsize
 
     def check_free_space(self) -> None:
-        if self.min_free_bytes and self.free_bytes() < self.min_free_bytes:
+        try:
+            free = self.free_bytes()
+        except OSError as exc:
+            _raise_io(exc, "checking free space")
+        if self.min_free_bytes and free < self.min_free_bytes:
             raise OutOfResources("free disk space below storage.min_free_mb")
 
     def remove(self, stored: StoredFile) -> None:
