@@ -100,6 +100,11 @@ def patient_split(
     """Indices (train, validation): stratified by class, grouped by patient."""
     n_splits = max(2, round(1 / val_fraction))
     _, group_ids = np.unique(np.asarray(groups), return_inverse=True)
+    if group_ids.max(initial=-1) + 1 < n_splits:
+        raise PacsAiError(
+            f"only {group_ids.max(initial=-1) + 1} patients: a patient-level split with "
+            f"validation fraction {val_fraction:g} needs at least {n_splits}"
+        )
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     train_idx, val_idx = next(splitter.split(np.zeros(len(labels)), labels, group_ids))
     return np.sort(train_idx), np.sort(val_idx)
