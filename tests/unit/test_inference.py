@@ -79,7 +79,7 @@ def test_series_score_fields(tmp_path: Path, make_model_dir: ModelDirFactory) ->
     assert score.display_image is not None and score.heatmap is not None
     assert score.heatmap.shape == score.display_image.shape == (64, 64)
     assert score.heatmap.dtype == np.float32
-    assert 0.0 <= score.heatmap.min() and score.heatmap.max() <= 1.0
+    assert score.heatmap.min() >= 0.0 and score.heatmap.max() <= 1.0
     assert score.used_instances == [str(pydicom.dcmread(path).SOPInstanceUID)]
 
 

@@ -82,8 +82,7 @@ def test_degenerate_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixtu
             ds.PatientID = f"{label}{i}"  # one patient per image: a valid split
             ds.save_as(data / label / f"{i}.dcm")
     out = tmp_path / "model"
-    code = main(["train", str(data), "--out", str(out), "--size", "32", "--epochs", "1",
-                 "--quiet"])
+    code = main(["train", str(data), "--out", str(out), "--size", "32", "--epochs", "1", "--quiet"])
     assert code == 1
     assert "refused" in capsys.readouterr().err
     card = json.loads((out / "card.json").read_text())
@@ -91,8 +90,7 @@ def test_degenerate_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixtu
     with pytest.raises(ModelRefused, match="collapse"):
         load_model(out, "cpu")
     with pytest.raises(ModelRefused):
-        train(data, tmp_path / "again", TrainOptions(kind="cxr", size=32, epochs=1,
-                                                     progress=False))
+        train(data, tmp_path / "again", TrainOptions(kind="cxr", size=32, epochs=1, progress=False))
 
 
 def test_patient_split_never_straddles_patients() -> None:
@@ -117,5 +115,7 @@ def test_wilson_interval_and_threshold_by_hand() -> None:
     assert m["ci"] == pytest.approx([0.4902, 0.9433], abs=1e-4)
     y = np.array([1, 1, 1, 1, 0, 0])
     s = np.array([0.9, 0.8, 0.3, 0.7, 0.5, 0.1])
-    assert threshold_for_sensitivity(y, s, 0.75) == pytest.approx(0.7)
-    assert threshold_for_sensitivity(y, s, 1.0) == pytest.approx(0.3)
+    # 3 of 4 positives needed: 0.7; next lower score 0.5 -> midpoint 0.6
+    assert threshold_for_sensitivity(y, s, 0.75) == pytest.approx(0.6)
+    # all 4: 0.3; next lower 0.1 -> 0.2
+    assert threshold_for_sensitivity(y, s, 1.0) == pytest.approx(0.2)
