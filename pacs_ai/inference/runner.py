@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -164,6 +165,7 @@ class LoadedModel:
         self._autocast = _autocast_dtype(device, precision)
         self._model = model.to(device).to(memory_format=torch.channels_last).eval()
         self._finding_idx = [card.classes.index(f.label) for f in card.findings]
+        self._lock = threading.Lock()  # one scoring call at a time per model
 
     @property
     def module(self) -> Classifier:
@@ -208,7 +210,12 @@ class LoadedModel:
         :class:`~pacs_ai.errors.NotApplicable` when a series has no image this model can
         take, :class:`~pacs_ai.errors.ImagingError` when a file cannot be read or decoded,
         :class:`~pacs_ai.errors.DecodeLimitExceeded` for absurd dimensions or bombs.
+        Safe to call from several threads (calls are serialised per model).
         """
+        with self._lock:
+            return self._score_series(series, heatmaps)
+
+    def _score_series(self, series: Sequence[Sequence[Path]], heatmaps: bool) -> list[SeriesScore]:
         plans = [self._plan(list(paths)) for paths in series]
         items = [(si, item) for si, plan in enumerate(plans) for item in plan]
         probs: list[np.ndarray] = []
