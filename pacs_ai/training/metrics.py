@@ -46,19 +46,20 @@ def auc_with_ci(y: np.ndarray, score: np.ndarray) -> dict[str, Any]:
 
 
 def threshold_for_sensitivity(y: np.ndarray, score: np.ndarray, target: float) -> float:
-    """A threshold whose sensitivity (``score >= t`` among positives) is at least ``target``.
+    """The operating threshold (decision ``score >= t``) for a target sensitivity.
 
-    Every t in (next lower score, s] gives the same validation result, where s is the score
-    of the last positive needed; the midpoint of that interval is returned, which keeps a
-    margin on both sides instead of sitting on a validation score. 0.5 without positives.
+    Among thresholds whose sensitivity is at least ``target``, specificity is highest for
+    every t in (n, s], where s is the score of the last positive needed and n the highest
+    negative score below s; the midpoint of that interval is returned, so the threshold keeps
+    a margin on both sides instead of sitting on a validation score. 0.5 without positives.
     """
     pos = np.sort(score[y == 1])[::-1]
     if len(pos) == 0:
         return 0.5
     need = max(1, math.ceil(target * len(pos)))
     high = float(pos[need - 1])
-    below = score[score < high]
-    low = float(below.max()) if len(below) else 0.0
+    neg = score[(y != 1) & (score < high)]
+    low = float(neg.max()) if len(neg) else 0.0
     return (high + low) / 2
 
 

@@ -119,3 +119,6 @@ def test_wilson_interval_and_threshold_by_hand() -> None:
     assert threshold_for_sensitivity(y, s, 0.75) == pytest.approx(0.6)
     # all 4: 0.3; next lower 0.1 -> 0.2
     assert threshold_for_sensitivity(y, s, 1.0) == pytest.approx(0.2)
+    # separable: 2 of 3 positives needed (0.98); the margin reaches down to the negative 0.2
+    y2, s2 = np.array([1, 1, 1, 0]), np.array([0.99, 0.98, 0.97, 0.2])
+    assert threshold_for_sensitivity(y2, s2, 0.6) == pytest.approx(0.59)
