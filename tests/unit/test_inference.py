@@ -160,3 +160,23 @@ def test_inference_settings(tmp_path: Path) -> None:
     assert s2.inference.ct_model == str((tmp_path / "models/ct").resolve())
     with pytest.raises(ConfigError):
         load_settings(cfg, env={"PACS_AI_INFERENCE__DEVICE": "tpu"})
+
+
+def test_state_dict_checkpoint_loads_offline(
+    tmp_path: Path, make_model_dir: ModelDirFactory
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    model_dir = make_model_dir("cxr", 32)
+    state = load_file(str(model_dir / "model.safetensors"))
+    (model_dir / "model.safetensors").unlink()
+    torch.save(state, model_dir / "model.pt")
+    card = json.loads((model_dir / "card.json").read_text())
+    card.update(weights_file="model.pt", weights_sha256="")
+    (model_dir / "card.json").write_text(json.dumps(card))
+    settings_file = tmp_path / "config.toml"
+    settings_file.write_text(f"[inference]\ncxr_model = '{model_dir.name}'\n")
+    settings = load_settings(settings_file, env={})
+    model = load_model(resolve_model_dir(settings.inference.cxr_model), "cpu")
+    assert model.card.name == "test-cxr"
