@@ -149,14 +149,19 @@ def _check_codestream(ds: Dataset, frame: int, frames: int) -> None:
 def _honour_bits_stored(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     bits_alloc = int(ds.BitsAllocated)
     bits_stored = int(ds.get("BitsStored", bits_alloc) or bits_alloc)
-    if arr.dtype.kind not in "iu" or bits_stored >= bits_alloc or bits_stored < 1:
+    if arr.dtype.kind not in "iu" or bits_stored >= arr.dtype.itemsize * 8 or bits_stored < 1:
         return arr
-    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    wide = arr.astype(np.int64) & ((1 << bits_stored) - 1)
-    if signed:
-        sign = 1 << (bits_stored - 1)
-        wide = (wide ^ sign) - sign
-    return wide.astype(np.int32)
+    mask = (1 << bits_stored) - 1
+    if int(ds.get("PixelRepresentation", 0) or 0) == 0:
+        out = arr if arr.flags.writeable else arr.copy()
+        np.bitwise_and(out, np.asarray(mask, dtype=out.dtype), out=out)
+        return out
+    sign = 1 << (bits_stored - 1)
+    wide = arr.astype(np.int32)
+    np.bitwise_and(wide, mask, out=wide)
+    np.bitwise_xor(wide, sign, out=wide)
+    wide -= sign
+    return wide.astype(arr.dtype) if arr.dtype.itemsize <= 2 else wide
 
 
 def _read(path: Path, *, stop_before_pixels: bool, limits: DecodeLimits) -> Dataset:

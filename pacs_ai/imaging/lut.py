@@ -159,9 +159,11 @@ def display_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     same maths, evaluated once per distinct value instead of once per pixel).
     """
     if stored.dtype.kind in "iu" and stored.size > 4 * _MAX_TABLE:
-        lo, hi = int(stored.min()), int(stored.max())
+        unsigned = stored.dtype in (np.uint8, np.uint16)
+        lo = 0 if unsigned else int(stored.min())  # unsigned: index with the values as they are
+        hi = int(stored.max())
         if hi - lo < _MAX_TABLE:
             table = _policy(np.arange(lo, hi + 1, dtype=np.int64), ds)
             index = stored if lo == 0 else stored.astype(np.int32) - lo
-            return np.asarray(table[index], dtype=np.float32)
+            return np.asarray(np.take(table, index), dtype=np.float32)
     return _policy(stored, ds)
