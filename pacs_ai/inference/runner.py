@@ -3,8 +3,8 @@
 :func:`load_model` reads ``card.json`` and the weights (safetensors or a torch state dict),
 refuses models that fail :func:`pacs_ai.inference.card.check_deployable`, moves the model to
 the device (``auto``: CUDA if available, else CPU) in channels_last memory format, and warms
-it up. :meth:`LoadedModel.score_series` reads the files, preprocesses them in a background
-thread while the model runs on the previous batch (decode overlapped with inference),
+it up. :meth:`LoadedModel.score_series` reads the files, preprocesses them in background
+threads (up to 4) while the model runs on the previous batch (decode overlapped with inference),
 batches across all images of all series, and aggregates per series
 (:mod:`pacs_ai.inference.aggregate`).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -300,22 +301,27 @@ class LoadedModel:
 
 
 class _LastDataset:
-    """Keeps the last dataset read, so the frames of one Enhanced CT file are read once."""
+    """Keeps the last dataset read per thread, so the frames of one Enhanced CT file are not
+    read once per frame."""
 
     def __init__(self) -> None:
-        self._path: Path | None = None
-        self._ds: Dataset | None = None
+        self._local = threading.local()
 
     def read(self, path: Path) -> Dataset:
-        if self._ds is None or self._path != path:
-            self._ds = read_dataset(path)
-            self._path = path
-        return self._ds
+        last: tuple[Path, Dataset] | None = getattr(self._local, "last", None)
+        if last is None or last[0] != path:
+            last = (path, read_dataset(path))
+            self._local.last = last
+        return last[1]
+
+
+# Preprocessing threads: decoding and VOI run in numpy/pydicom while the model runs.
+_PREP_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def _prefetch(fn: Callable[[_T], _R], items: Iterable[_T], depth: int) -> Iterator[_R]:
-    """``map(fn, items)`` computed in one background thread, at most ``depth`` ahead."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacs-ai-prep") as pool:
+    """``map(fn, items)`` computed in background threads, in order, at most ``depth`` ahead."""
+    with ThreadPoolExecutor(max_workers=_PREP_WORKERS, thread_name_prefix="pacs-ai-prep") as pool:
         queue: deque[Future[_R]] = deque()
         source = iter(items)
         for item in source:
