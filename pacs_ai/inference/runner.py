@@ -29,10 +29,9 @@ from pydicom.dataset import Dataset
 from safetensors.torch import load_file, save_file
 
 from pacs_ai.errors import ModelError, NotApplicable
-from pacs_ai.imaging.ct import plan_volume, select_evenly
 from pacs_ai.imaging.decode import read_dataset, read_header
-from pacs_ai.imaging.gating import CT_SOP_CLASSES, xray_image_problem
-from pacs_ai.imaging.prepare import ct_input, stack_inputs, xray_input
+from pacs_ai.imaging.gating import xray_image_problem
+from pacs_ai.imaging.prepare import ct_input, ct_scored_slices, stack_inputs, xray_input
 from pacs_ai.inference.aggregate import aggregate, suspicion
 from pacs_ai.inference.architectures import Classifier, build_model
 from pacs_ai.inference.cam import grad_cam
@@ -281,16 +280,10 @@ class LoadedModel:
             if not plan:
                 raise NotApplicable("no frontal chest X-ray image in the series")
             return plan
-        ct_headers = [h for h in headers if str(h.get("SOPClassUID", "")) in CT_SOP_CLASSES]
-        ct_paths = [
-            p
-            for p, h in zip(paths, headers, strict=True)
-            if str(h.get("SOPClassUID", "")) in CT_SOP_CLASSES
-        ]
-        slices = select_evenly(plan_volume(ct_headers), self.card.input.ct_slices)
+        slices = ct_scored_slices(paths, headers, self.card.input)
         if not slices:
             raise NotApplicable("no axial CT slice in the series")
-        return [(ct_paths[s.index], s.frame, "ct", s.sop_uid) for s in slices]
+        return [(s.path, s.frame, "ct", s.sop_uid) for s in slices]
 
     def _prepare(self, item: tuple[Path, int | None, str, str], cache: _LastDataset) -> np.ndarray:
         path, frame, kind, _ = item
