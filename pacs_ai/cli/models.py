@@ -241,7 +241,7 @@ def _predict(args: argparse.Namespace) -> int:
         entry["thresholds"] = {k: round(v, 4) for k, v in score.thresholds.items()}
         entry["scored_instances"] = len(score.used_instances)
         if args.heatmap_dir is not None and score.display_image is not None:
-            entry["overlay"] = str(_overlay(args.heatmap_dir, len(results), entry, score))
+            entry["overlay"] = str(_overlay(args.heatmap_dir, results.index(entry), entry, score))
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset as _parse_dataset
 from pydicom.filereader import read_file_meta_info
@@ -90,6 +91,7 @@ def stored_values(ds: Dataset, frame: int | None = None) -> np.ndarray:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frame is not None and not 0 <= frame < frames:
         raise ImagingError(f"frame {frame} outside 0..{frames - 1}")
+    _check_codestream(ds, frame or 0, frames)
     try:
         if frames == 1:
             arr = np.asarray(pixel_array(ds))
@@ -100,17 +102,66 @@ def stored_values(ds: Dataset, frame: int | None = None) -> np.ndarray:
     return _honour_bits_stored(arr, ds)
 
 
+# JPEG start-of-frame markers (all processes, and JPEG-LS SOF55) carry height and width.
+_SOF = frozenset(
+    {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), 0xCD, 0xCE, 0xCF, 0xF7}
+)
+
+
+def codestream_size(data: bytes) -> tuple[int, int] | None:
+    """(rows, columns) declared by a JPEG, JPEG-LS or JPEG 2000 codestream, read from its
+    SOF or SIZ marker without decoding; None when not found."""
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 <= len(data) and data[i] == 0xFF:
+            code = data[i + 1]
+            if code in _SOF:
+                return int.from_bytes(data[i + 5 : i + 7]), int.from_bytes(data[i + 7 : i + 9])
+            if code == 0xFF:  # fill byte
+                i += 1
+                continue
+            i += 2 + int.from_bytes(data[i + 2 : i + 4])
+        return None
+    at = data.find(b"\xff\x4f\xff\x51", 0, 4096)  # SOC then SIZ (raw or inside a JP2 box)
+    if at < 0 or at + 24 > len(data):
+        return None
+    x, y, x0, y0 = (int.from_bytes(data[at + 8 + 4 * k : at + 12 + 4 * k]) for k in range(4))
+    return y - y0, x - x0
+
+
+def _check_codestream(ds: Dataset, frame: int, frames: int) -> None:
+    """Refuse a compressed frame whose codestream is larger than the header says: decoders
+    allocate what the codestream declares, so this is the bomb check for JPEG/J2K."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_compressed or "PixelData" not in ds:
+        return
+    try:
+        data = get_frame(ds.PixelData, frame, number_of_frames=frames)
+    except Exception as exc:  # malformed encapsulation
+        raise ImagingError(f"encapsulated pixel data is malformed: {exc}") from exc
+    size = codestream_size(bytes(data[:65536]))
+    if size is not None and (size[0] > int(ds.Rows) or size[1] > int(ds.Columns)):
+        raise DecodeLimitExceeded(
+            f"codestream declares {size[0]}x{size[1]} pixels, the header {ds.Rows}x{ds.Columns}"
+        )
+
+
 def _honour_bits_stored(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     bits_alloc = int(ds.BitsAllocated)
     bits_stored = int(ds.get("BitsStored", bits_alloc) or bits_alloc)
-    if arr.dtype.kind not in "iu" or bits_stored >= bits_alloc or bits_stored < 1:
+    if arr.dtype.kind not in "iu" or bits_stored >= arr.dtype.itemsize * 8 or bits_stored < 1:
         return arr
-    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    wide = arr.astype(np.int64) & ((1 << bits_stored) - 1)
-    if signed:
-        sign = 1 << (bits_stored - 1)
-        wide = (wide ^ sign) - sign
-    return wide.astype(np.int32)
+    mask = (1 << bits_stored) - 1
+    if int(ds.get("PixelRepresentation", 0) or 0) == 0:
+        out = arr if arr.flags.writeable else arr.copy()
+        np.bitwise_and(out, np.asarray(mask, dtype=out.dtype), out=out)
+        return out
+    sign = 1 << (bits_stored - 1)
+    wide = arr.astype(np.int32)
+    np.bitwise_and(wide, mask, out=wide)
+    np.bitwise_xor(wide, sign, out=wide)
+    wide -= sign
+    return wide.astype(arr.dtype) if arr.dtype.itemsize <= 2 else wide
 
 
 def _read(path: Path, *, stop_before_pixels: bool, limits: DecodeLimits) -> Dataset:

@@ -142,9 +142,28 @@ def needs_inversion(ds: Dataset) -> bool:
     return pi == "MONOCHROME1" or shape == "INVERSE"
 
 
-def display_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
-    """The whole policy: stored values to a float32 [0, 1] image, high = bright."""
-    out = voi(modality_lut(stored, ds), ds)
+def _policy(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    out = voi(modality_lut(values, ds), ds)
     if needs_inversion(ds):
         out = np.float32(1.0) - out
     return out.astype(np.float32, copy=False)
+
+
+_MAX_TABLE = 1 << 17
+
+
+def display_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """The whole policy: stored values to a float32 [0, 1] image, high = bright.
+
+    Integer images are mapped through a table of the policy over their value range (the
+    same maths, evaluated once per distinct value instead of once per pixel).
+    """
+    if stored.dtype.kind in "iu" and stored.size > 4 * _MAX_TABLE:
+        unsigned = stored.dtype in (np.uint8, np.uint16)
+        lo = 0 if unsigned else int(stored.min())  # unsigned: index with the values as they are
+        hi = int(stored.max())
+        if hi - lo < _MAX_TABLE:
+            table = _policy(np.arange(lo, hi + 1, dtype=np.int64), ds)
+            index = stored if lo == 0 else stored.astype(np.int32) - lo
+            return np.asarray(np.take(table, index), dtype=np.float32)
+    return _policy(stored, ds)

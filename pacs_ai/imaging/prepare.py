@@ -27,8 +27,16 @@ from PIL import Image
 from pydicom.dataset import Dataset
 
 from pacs_ai.errors import DecodeLimitExceeded, ImagingError
-from pacs_ai.imaging.ct import LUNG_WINDOW, MEDIASTINAL_WINDOW, hu_window, to_hu
+from pacs_ai.imaging.ct import (
+    LUNG_WINDOW,
+    MEDIASTINAL_WINDOW,
+    hu_window,
+    plan_volume,
+    select_evenly,
+    to_hu,
+)
 from pacs_ai.imaging.decode import DEFAULT_LIMITS, stored_values
+from pacs_ai.imaging.gating import CT_SOP_CLASSES
 from pacs_ai.imaging.geometry import fit_square, pixel_spacing
 from pacs_ai.imaging.lut import display_values
 
@@ -113,6 +121,26 @@ def _grey(stored: np.ndarray) -> np.ndarray:
     if stored.ndim != 2:
         raise ImagingError("expected a single-sample (greyscale) image")
     return stored
+
+
+@dataclass(frozen=True)
+class ScoredSlice:
+    """A CT slice chosen for scoring: its file, frame (None: single-frame) and SOP UID."""
+
+    path: Path
+    frame: int | None
+    sop_uid: str
+
+
+def ct_scored_slices(
+    paths: Sequence[Path], headers: Sequence[Dataset], spec: InputSpec
+) -> list[ScoredSlice]:
+    """The slices a CT series is scored on, for training and inference alike: CT images
+    only, ordered by :func:`~pacs_ai.imaging.ct.plan_volume`, ``spec.ct_slices`` of them
+    spread evenly along the normal."""
+    keep = [i for i, h in enumerate(headers) if str(h.get("SOPClassUID", "")) in CT_SOP_CLASSES]
+    slices = select_evenly(plan_volume([headers[i] for i in keep]), spec.ct_slices)
+    return [ScoredSlice(paths[keep[s.index]], s.frame, s.sop_uid) for s in slices]
 
 
 def stack_inputs(items: Sequence[np.ndarray]) -> np.ndarray:

@@ -3,8 +3,8 @@
 :func:`load_model` reads ``card.json`` and the weights (safetensors or a torch state dict),
 refuses models that fail :func:`pacs_ai.inference.card.check_deployable`, moves the model to
 the device (``auto``: CUDA if available, else CPU) in channels_last memory format, and warms
-it up. :meth:`LoadedModel.score_series` reads the files, preprocesses them in a background
-thread while the model runs on the previous batch (decode overlapped with inference),
+it up. :meth:`LoadedModel.score_series` reads the files, preprocesses them in background
+threads (up to 4) while the model runs on the previous batch (decode overlapped with inference),
 batches across all images of all series, and aggregates per series
 (:mod:`pacs_ai.inference.aggregate`).
 """
@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,10 +29,9 @@ from pydicom.dataset import Dataset
 from safetensors.torch import load_file, save_file
 
 from pacs_ai.errors import ModelError, NotApplicable
-from pacs_ai.imaging.ct import plan_volume, select_evenly
 from pacs_ai.imaging.decode import read_dataset, read_header
-from pacs_ai.imaging.gating import CT_SOP_CLASSES, xray_image_problem
-from pacs_ai.imaging.prepare import ct_input, stack_inputs, xray_input
+from pacs_ai.imaging.gating import xray_image_problem
+from pacs_ai.imaging.prepare import ct_input, ct_scored_slices, stack_inputs, xray_input
 from pacs_ai.inference.aggregate import aggregate, suspicion
 from pacs_ai.inference.architectures import Classifier, build_model
 from pacs_ai.inference.cam import grad_cam
@@ -164,6 +165,7 @@ class LoadedModel:
         self._autocast = _autocast_dtype(device, precision)
         self._model = model.to(device).to(memory_format=torch.channels_last).eval()
         self._finding_idx = [card.classes.index(f.label) for f in card.findings]
+        self._lock = threading.Lock()  # one scoring call at a time per model
 
     @property
     def module(self) -> Classifier:
@@ -208,7 +210,12 @@ class LoadedModel:
         :class:`~pacs_ai.errors.NotApplicable` when a series has no image this model can
         take, :class:`~pacs_ai.errors.ImagingError` when a file cannot be read or decoded,
         :class:`~pacs_ai.errors.DecodeLimitExceeded` for absurd dimensions or bombs.
+        Safe to call from several threads (calls are serialised per model).
         """
+        with self._lock:
+            return self._score_series(series, heatmaps)
+
+    def _score_series(self, series: Sequence[Sequence[Path]], heatmaps: bool) -> list[SeriesScore]:
         plans = [self._plan(list(paths)) for paths in series]
         items = [(si, item) for si, plan in enumerate(plans) for item in plan]
         probs: list[np.ndarray] = []
@@ -273,16 +280,10 @@ class LoadedModel:
             if not plan:
                 raise NotApplicable("no frontal chest X-ray image in the series")
             return plan
-        ct_headers = [h for h in headers if str(h.get("SOPClassUID", "")) in CT_SOP_CLASSES]
-        ct_paths = [
-            p
-            for p, h in zip(paths, headers, strict=True)
-            if str(h.get("SOPClassUID", "")) in CT_SOP_CLASSES
-        ]
-        slices = select_evenly(plan_volume(ct_headers), self.card.input.ct_slices)
+        slices = ct_scored_slices(paths, headers, self.card.input)
         if not slices:
             raise NotApplicable("no axial CT slice in the series")
-        return [(ct_paths[s.index], s.frame, "ct", s.sop_uid) for s in slices]
+        return [(s.path, s.frame, "ct", s.sop_uid) for s in slices]
 
     def _prepare(self, item: tuple[Path, int | None, str, str], cache: _LastDataset) -> np.ndarray:
         path, frame, kind, _ = item
@@ -293,22 +294,27 @@ class LoadedModel:
 
 
 class _LastDataset:
-    """Keeps the last dataset read, so the frames of one Enhanced CT file are read once."""
+    """Keeps the last dataset read per thread, so the frames of one Enhanced CT file are not
+    read once per frame."""
 
     def __init__(self) -> None:
-        self._path: Path | None = None
-        self._ds: Dataset | None = None
+        self._local = threading.local()
 
     def read(self, path: Path) -> Dataset:
-        if self._ds is None or self._path != path:
-            self._ds = read_dataset(path)
-            self._path = path
-        return self._ds
+        last: tuple[Path, Dataset] | None = getattr(self._local, "last", None)
+        if last is None or last[0] != path:
+            last = (path, read_dataset(path))
+            self._local.last = last
+        return last[1]
+
+
+# Preprocessing threads: decoding and VOI run in numpy/pydicom while the model runs.
+_PREP_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def _prefetch(fn: Callable[[_T], _R], items: Iterable[_T], depth: int) -> Iterator[_R]:
-    """``map(fn, items)`` computed in one background thread, at most ``depth`` ahead."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacs-ai-prep") as pool:
+    """``map(fn, items)`` computed in background threads, in order, at most ``depth`` ahead."""
+    with ThreadPoolExecutor(max_workers=_PREP_WORKERS, thread_name_prefix="pacs-ai-prep") as pool:
         queue: deque[Future[_R]] = deque()
         source = iter(items)
         for item in source:

@@ -15,14 +15,20 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from pydicom.dataset import Dataset
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
 from pacs_ai.errors import ImagingError, PacsAiError
-from pacs_ai.imaging.ct import plan_volume, select_evenly
 from pacs_ai.imaging.decode import read_dataset, read_header
-from pacs_ai.imaging.gating import CT_SOP_CLASSES
-from pacs_ai.imaging.prepare import PICTURE_SUFFIXES, InputSpec, ct_input, picture_input, xray_input
+from pacs_ai.imaging.prepare import (
+    PICTURE_SUFFIXES,
+    InputSpec,
+    ct_input,
+    ct_scored_slices,
+    picture_input,
+    xray_input,
+)
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,11 @@ def patient_split(
     """Indices (train, validation): stratified by class, grouped by patient."""
     n_splits = max(2, round(1 / val_fraction))
     _, group_ids = np.unique(np.asarray(groups), return_inverse=True)
+    if group_ids.max(initial=-1) + 1 < n_splits:
+        raise PacsAiError(
+            f"only {group_ids.max(initial=-1) + 1} patients: a patient-level split with "
+            f"validation fraction {val_fraction:g} needs at least {n_splits}"
+        )
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     train_idx, val_idx = next(splitter.split(np.zeros(len(labels)), labels, group_ids))
     return np.sort(train_idx), np.sort(val_idx)
@@ -119,19 +130,15 @@ def load_xray_inputs(samples: Sequence[Sample], spec: InputSpec, progress: bool)
 def ct_series_inputs(series_dir: Path, spec: InputSpec) -> np.ndarray:
     """(K, C, S, S) inputs of the slices a CT series is scored on (as in inference)."""
     files = sorted(p for p in series_dir.iterdir() if p.is_file() and _is_dicom(p))
-    headers = [read_header(p) for p in files]
-    keep = [i for i, h in enumerate(headers) if str(h.get("SOPClassUID", "")) in CT_SOP_CLASSES]
-    slices = select_evenly(plan_volume([headers[i] for i in keep]), spec.ct_slices)
+    slices = ct_scored_slices(files, [read_header(p) for p in files], spec)
     if not slices:
         raise ImagingError(f"no axial CT slices in {series_dir.name}")
     arrays = []
-    cache: dict[Path, object] = {}
+    last: tuple[Path, Dataset] | None = None
     for s in slices:
-        path = files[keep[s.index]]
-        if path not in cache:
-            cache.clear()
-            cache[path] = read_dataset(path)
-        arrays.append(ct_input(cache[path], spec, s.frame))  # type: ignore[arg-type]
+        if last is None or last[0] != s.path:
+            last = (s.path, read_dataset(s.path))
+        arrays.append(ct_input(last[1], spec, s.frame))
     return np.stack(arrays).astype(np.float16)
 
 

@@ -46,13 +46,21 @@ def auc_with_ci(y: np.ndarray, score: np.ndarray) -> dict[str, Any]:
 
 
 def threshold_for_sensitivity(y: np.ndarray, score: np.ndarray, target: float) -> float:
-    """The highest threshold whose sensitivity (``score >= t`` among positives) is at least
-    ``target``; 0.5 when there are no positives."""
+    """The operating threshold (decision ``score >= t``) for a target sensitivity.
+
+    Among thresholds whose sensitivity is at least ``target``, specificity is highest for
+    every t in (n, s], where s is the score of the last positive needed and n the highest
+    negative score below s; the midpoint of that interval is returned, so the threshold keeps
+    a margin on both sides instead of sitting on a validation score. 0.5 without positives.
+    """
     pos = np.sort(score[y == 1])[::-1]
     if len(pos) == 0:
         return 0.5
     need = max(1, math.ceil(target * len(pos)))
-    return float(pos[need - 1])
+    high = float(pos[need - 1])
+    neg = score[(y != 1) & (score < high)]
+    low = float(neg.max()) if len(neg) else 0.0
+    return (high + low) / 2
 
 
 def classification_report(
@@ -120,8 +128,12 @@ def classification_report(
 
 
 def fit_temperature(nll_at: Callable[[float], float], grid: np.ndarray | None = None) -> float:
-    """The temperature minimising ``nll_at(T)`` over a log grid 0.25..8 (then refined)."""
-    grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 41)) if grid is None else grid
+    """The temperature minimising ``nll_at(T)`` over a log grid 1..8 (then refined).
+
+    T >= 1 only softens: calibration never makes the model more confident than it was
+    trained to be (a separable validation set would otherwise drive T towards 0).
+    """
+    grid = np.exp(np.linspace(0.0, np.log(8.0), 31)) if grid is None else grid
     losses = [nll_at(float(t)) for t in grid]
     best = int(np.argmin(losses))
     lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]

@@ -9,10 +9,17 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.encaps import get_frame
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pacs_ai.errors import DecodeLimitExceeded, ImagingError
-from pacs_ai.imaging.decode import DecodeLimits, read_dataset, read_header, stored_values
+from pacs_ai.imaging.decode import (
+    DecodeLimits,
+    codestream_size,
+    read_dataset,
+    read_header,
+    stored_values,
+)
 from pacs_ai.imaging.gating import assess_series
 from pacs_ai.imaging.prepare import InputSpec, xray_input
 from pacs_ai.training import dicomwriter as dw
@@ -151,3 +158,26 @@ def test_deflate_stream_is_genuinely_deflated(tmp_path: Path) -> None:
     meta = pydicom.filereader.read_file_meta_info(path)
     body = raw[132 + 12 + int(meta.FileMetaInformationGroupLength) :]
     assert len(zlib.decompress(body, -zlib.MAX_WBITS)) > len(body)
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [
+        ("RG1_J2KR.dcm", (1955, 1841)),
+        ("JPEG-LL.dcm", (1024, 256)),
+        ("JPGExtended.dcm", None),
+        ("MR_small_jpeg_ls_lossless.dcm", (64, 64)),
+    ],
+)
+def test_codestream_size_is_read_without_decoding(name: str, size: tuple[int, int] | None) -> None:
+    ds = read_dataset(_data(name))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    found = codestream_size(bytes(get_frame(ds.PixelData, 0, number_of_frames=frames)[:65536]))
+    assert found == (size or (int(ds.Rows), int(ds.Columns)))
+
+
+def test_codestream_larger_than_header_is_refused() -> None:
+    ds = read_dataset(_data("RG1_J2KR.dcm"))
+    ds.Rows, ds.Columns = 100, 100  # the codestream still says 1955 x 1841
+    with pytest.raises(DecodeLimitExceeded, match="codestream declares 1955x1841"):
+        stored_values(ds)

@@ -87,3 +87,11 @@ def test_monochrome1_is_inverted_once_even_with_inverse_presentation_lut() -> No
 def test_signed_bits_stored_range() -> None:
     ds = _xray(PixelRepresentation=1, BitsStored=8)
     assert voi(np.array([-128.0, 127.0]), ds) == pytest.approx([0.0, 1.0])
+
+
+def test_table_path_equals_direct_maths() -> None:
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 4096, size=(800, 700)).astype(np.uint16)  # large: table path
+    ds = _xray(WindowCenter="1500", WindowWidth="900", PhotometricInterpretation="MONOCHROME1")
+    direct = 1.0 - window(stored.astype(np.float32), 1500, 900)
+    assert np.array_equal(display_values(stored, ds), direct.astype(np.float32))

@@ -1,0 +1,349 @@
+"""Inference benchmark: preprocessing, model throughput against the matmul peak, pipeline.
+
+Measures, in one run on one machine:
+
+- preprocessing time per DX image (2048 x 2048, 14-bit, uncompressed) and per 300-slice CT
+  (512 x 512): read headers, order, decode the scored slices, window, resize;
+- the bundled models' images/s batched and one at a time, their FLOPs per image (torch's
+  FlopCounterMode) and achieved GFLOP/s against the fp32 matmul peak measured in the same
+  run (bf16 autocast too where the CPU has native bf16, with the score agreement);
+- torchvision ResNet-18 at 224² for reference;
+- decode -> preprocess -> infer (LoadedModel.score_series, decoding overlapped with
+  inference) against model-only throughput on the same images.
+
+With ``--device cuda`` the model part runs on the GPU, fp32 against mixed precision.
+Prints a markdown table and writes JSON (``--json``); ``--readme FILE`` replaces the block
+between ``<!-- bench:inference:start -->`` and ``<!-- bench:inference:end -->`` in FILE.
+
+    PYTHONPATH=. python benchmarks/inference.py --json benchmarks/results/inference.json \
+        --readme docs/models.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models import resnet18
+
+from pacs_ai.imaging.ct import plan_volume, select_evenly
+from pacs_ai.imaging.decode import read_dataset, read_header
+from pacs_ai.imaging.prepare import ct_input, xray_input
+from pacs_ai.inference import bundled_model_dir, load_model
+from pacs_ai.inference.runner import LoadedModel
+from pacs_ai.training import dicomwriter as dw
+from pacs_ai.training.phantoms import ct_phantom, cxr_phantom
+
+
+def _median_time(fn: Callable[[], object], repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048) -> float:
+    """Best GFLOP/s of n x n matmuls over a few seconds."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = 0.0
+    deadline = time.perf_counter() + (3.0 if device.type == "cpu" else 1.0)
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 3 * 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def flops_per_image(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device) -> int:
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.zeros((1, *shape), device=device))
+    return int(counter.get_total_flops())
+
+
+def model_throughput(
+    model: torch.nn.Module,
+    shape: tuple[int, ...],
+    batch: int,
+    device: torch.device,
+    autocast: torch.dtype | None,
+    seconds: float,
+) -> float:
+    model = model.to(device).to(memory_format=torch.channels_last).eval()
+    x = torch.rand((batch, *shape), device=device).contiguous(memory_format=torch.channels_last)
+    ctx = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
+    with torch.inference_mode(), ctx:
+        for _ in range(2):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            model(x)
+            n += batch
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return n / (time.perf_counter() - t)
+
+
+def _write_dx(folder: Path, count: int, side: int) -> list[Path]:
+    img = cxr_phantom("covid", np.random.default_rng(0), side)
+    paths = []
+    for i in range(count):
+        ds = dw.xray_image(img * 15000 + 500, modality="DX", bits_stored=14, pixel_spacing_mm=0.2)
+        path = folder / f"dx{i:03d}.dcm"
+        dw.write(ds, path)
+        paths.append(path)
+    return paths
+
+
+def _write_ct(folder: Path, slices: int, side: int) -> list[Path]:
+    small = ct_phantom("covid", np.random.default_rng(0), (slices, 128, 128))
+    factor = side // 128
+    datasets = dw.ct_series(
+        np.kron(small, np.ones((1, factor, factor), dtype=np.float32)),
+        slice_thickness_mm=1.0,
+        pixel_spacing_mm=0.7,
+    )
+    paths = []
+    for i, ds in enumerate(datasets):
+        path = folder / f"ct{i:04d}.dcm"
+        dw.write(ds, path)
+        paths.append(path)
+    return paths
+
+
+def _ct_preprocess(paths: list[Path], model: LoadedModel) -> np.ndarray:
+    headers = [read_header(p) for p in paths]
+    chosen = select_evenly(plan_volume(headers), model.card.input.ct_slices)
+    return np.stack([ct_input(read_dataset(paths[s.index]), model.card.input) for s in chosen])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device if args.device != "auto" else "cpu")
+    if args.device == "auto" and torch.cuda.is_available():
+        device = torch.device("cuda:0")
+    seconds = args.seconds
+    res: dict[str, Any] = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+            "native_bf16": _cpu_has_native_bf16() if device.type == "cpu" else None,
+        }
+    }
+    fp32_peak = matmul_peak(torch.float32, device)
+    res["matmul_peak_gflops"] = {"fp32": fp32_peak}
+    bf16_ok = device.type == "cuda" or _cpu_has_native_bf16()
+    if bf16_ok:
+        res["matmul_peak_gflops"]["bf16"] = matmul_peak(torch.bfloat16, device)
+    mixed = (
+        (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        if device.type == "cuda"
+        else torch.bfloat16
+    )
+
+    models = {
+        "cxr-demo (resnet18_slim 224² 1ch)": load_model(bundled_model_dir("cxr"), str(device)),
+        "ct-demo (resnet18_slim 128² 2ch)": load_model(bundled_model_dir("ct"), str(device)),
+    }
+    res["models"] = []
+    for name, lm in models.items():
+        spec = lm.card.input
+        shape = (spec.channels, spec.size, spec.size)
+        res["models"].append(
+            _bench_model(
+                name, lm.module, shape, device, mixed, bf16_ok, fp32_peak, res, seconds, args.batch
+            )
+        )
+    ref = resnet18(weights=None, num_classes=3)
+    res["models"].append(
+        _bench_model(
+            "torchvision resnet18 224² 3ch",
+            ref,
+            (3, 224, 224),
+            device,
+            mixed,
+            bf16_ok,
+            fp32_peak,
+            res,
+            seconds,
+            args.batch,
+        )
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "dx").mkdir()
+        (root / "ct").mkdir()
+        dx = _write_dx(root / "dx", args.dx_images, 2048)
+        ct = _write_ct(root / "ct", 300, 512)
+        cxr = models["cxr-demo (resnet18_slim 224² 1ch)"]
+        ctm = models["ct-demo (resnet18_slim 128² 2ch)"]
+        res["preprocess_s"] = {
+            "dx_2048": _median_time(lambda: xray_input(read_dataset(dx[0]), cxr.card.input), 5),
+            "ct_300x512": _median_time(lambda: _ct_preprocess(ct, ctm), 3),
+            "ct_scored_slices": ctm.card.input.ct_slices,
+        }
+        inputs = np.stack([xray_input(read_dataset(p), cxr.card.input) for p in dx])
+        model_only = _median_time(lambda: cxr.predict(inputs), 3)
+        pipeline = _median_time(lambda: cxr.score_series([[p] for p in dx], heatmaps=False), 3)
+        serial = _median_time(
+            lambda: cxr.predict(
+                np.stack([xray_input(read_dataset(p), cxr.card.input) for p in dx])
+            ),
+            3,
+        )
+        res["pipeline"] = {
+            "images": len(dx),
+            "batch_size": cxr.batch_size,
+            "model_only_img_s": len(dx) / model_only,
+            "pipeline_overlapped_img_s": len(dx) / pipeline,
+            "pipeline_serial_img_s": len(dx) / serial,
+            "ratio_overlapped": model_only / pipeline,
+            "ct_series_s": _median_time(lambda: ctm.score_series([ct], heatmaps=False), 3),
+        }
+    return res
+
+
+def _bench_model(
+    name: str,
+    model: torch.nn.Module,
+    shape: tuple[int, ...],
+    device: torch.device,
+    mixed: torch.dtype,
+    bf16_ok: bool,
+    fp32_peak: float,
+    res: dict[str, Any],
+    seconds: float,
+    batch: int,
+) -> dict[str, Any]:
+    model = model.to(device).eval()
+    flops = flops_per_image(model, shape, device)
+    row: dict[str, Any] = {"model": name, "gflop_per_image": flops / 1e9}
+    for label, bs in (("bs1", 1), (f"bs{batch}", batch)):
+        ips = model_throughput(model, shape, bs, device, None, seconds)
+        row[f"fp32_{label}_img_s"] = ips
+        row[f"fp32_{label}_pct_peak"] = 100 * ips * flops / 1e9 / fp32_peak
+    if bf16_ok:
+        ips = model_throughput(model, shape, batch, device, mixed, seconds)
+        peak = res["matmul_peak_gflops"].get("bf16", fp32_peak)
+        row[f"mixed_bs{batch}_img_s"] = ips
+        row[f"mixed_bs{batch}_pct_peak"] = 100 * ips * flops / 1e9 / peak
+        x = torch.rand((16, *shape), device=device)
+        with torch.inference_mode():
+            ref = torch.softmax(model(x).float(), 1)
+            with torch.autocast(device.type, dtype=mixed):
+                low = torch.softmax(model(x).float(), 1)
+        row["mixed_max_abs_prob_diff"] = float((ref - low).abs().max())
+        row["mixed_argmax_agreement"] = float((ref.argmax(1) == low.argmax(1)).float().mean())
+    return row
+
+
+def table(res: dict[str, Any], batch: int) -> str:
+    m = res["machine"]
+    peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in res["matmul_peak_gflops"].items())
+    lines = [
+        f"Machine: {m['cores']} cores ({m['cpu']}), torch {m['torch']} with "
+        f"{m['torch_threads']} threads, device {m['device']}"
+        + (f" ({m['gpu']})" if m["gpu"] else "")
+        + f"; matmul peak measured in the run: {peaks}"
+        + (
+            ""
+            if res["matmul_peak_gflops"].get("bf16")
+            else "; no native bf16 on this CPU, bf16 not measured"
+        ),
+        "",
+        f"| model | GFLOP/img | fp32 bs1 img/s | fp32 bs{batch} img/s | "
+        f"fp32 bs{batch} % of peak | mixed bs{batch} img/s | mixed % of peak | "
+        "mixed vs fp32 max Δp |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["models"]:
+        mixed = (
+            (
+                f"{r[f'mixed_bs{batch}_img_s']:.1f}",
+                f"{r[f'mixed_bs{batch}_pct_peak']:.0f}%",
+                f"{r['mixed_max_abs_prob_diff']:.4f}",
+            )
+            if f"mixed_bs{batch}_img_s" in r
+            else ("n/a", "n/a", "n/a")
+        )
+        lines.append(
+            f"| {r['model']} | {r['gflop_per_image']:.3f} | {r['fp32_bs1_img_s']:.1f} | "
+            f"{r[f'fp32_bs{batch}_img_s']:.1f} | {r[f'fp32_bs{batch}_pct_peak']:.0f}% | "
+            f"{mixed[0]} | {mixed[1]} | {mixed[2]} |"
+        )
+    p, pipe = res["preprocess_s"], res["pipeline"]
+    lines += [
+        "",
+        "| stage | result |",
+        "|---|---|",
+        f"| preprocess one DX 2048² (read, decode, VOI, resize) | {1000 * p['dx_2048']:.0f} ms |",
+        f"| preprocess one CT of 300 × 512² (300 headers, order, {p['ct_scored_slices']} "
+        f"slices decoded/windowed) | {1000 * p['ct_300x512']:.0f} ms |",
+        f"| CXR model only, {pipe['images']} images, batch {pipe['batch_size']} | "
+        f"{pipe['model_only_img_s']:.1f} img/s |",
+        f"| CXR decode → preprocess → infer, overlapped | "
+        f"{pipe['pipeline_overlapped_img_s']:.1f} img/s "
+        f"({100 * pipe['ratio_overlapped']:.0f}% of model-only) |",
+        f"| CXR decode → preprocess → infer, serial | {pipe['pipeline_serial_img_s']:.1f} img/s |",
+        f"| one 300-slice CT series scored end to end | {pipe['ct_series_s']:.2f} s |",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=4.0, help="per throughput point")
+    parser.add_argument("--dx-images", type=int, default=32)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--readme", type=Path, default=None)
+    args = parser.parse_args()
+    res = run(args)
+    text = table(res, args.batch)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    if args.readme:
+        start, end = "<!-- bench:inference:start -->", "<!-- bench:inference:end -->"
+        doc = args.readme.read_text()
+        if start in doc and end in doc:
+            head, rest = doc.split(start, 1)
+            _, tail = rest.split(end, 1)
+            args.readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+
+
+if __name__ == "__main__":
+    main()
