@@ -86,7 +86,7 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'pacs-ai.db'}"
 
 
-def make_settings(tmp_path: Path, db_url: str, **sections: dict[str, Any]) -> Settings:
+def make_settings(tmp_path: Path, db_url: str, **sections: Any) -> Settings:
     data: dict[str, Any] = {
         "dicom": {"ae_title": "PACS_AI", "port": free_port(), "network_timeout": 10.0},
         "access": {
@@ -108,7 +108,10 @@ def make_settings(tmp_path: Path, db_url: str, **sections: dict[str, Any]) -> Se
         "pipeline": {"enabled": False},
     }
     for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
+        if isinstance(values, list):  # arrays of tables: [[destinations]], [[routing]]
+            data[section] = values
+        else:
+            data.setdefault(section, {}).update(values)
     return settings_from_dict(data, base=tmp_path)
 
 

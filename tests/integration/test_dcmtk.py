@@ -68,6 +68,7 @@ def test_storescu_folder_and_compressed(start_service: ServiceFactory, tmp_path:
     result = _run("storescu", svc, "-xv", j2k)  # propose JPEG 2000 lossless as-is
     assert result.returncode == 0, result.stderr
     wait_for(lambda: _count(svc) == 12)
+    wait_for(lambda: None not in _end_reasons(svc), what="associations recorded as ended")
     with svc.engine.connect() as c:
         syntaxes = dict(
             c.execute(select(Instance.sop_instance_uid, Instance.transfer_syntax_uid)).all()
@@ -76,6 +77,11 @@ def test_storescu_folder_and_compressed(start_service: ServiceFactory, tmp_path:
     source = pydicom.dcmread(j2k, stop_before_pixels=True)
     assert syntaxes[source.SOPInstanceUID] == source.file_meta.TransferSyntaxUID
     assert set(assoc) == {("STORESCU", "released")}
+
+
+def _end_reasons(svc: Service) -> list[str | None]:
+    with svc.engine.connect() as c:
+        return list(c.scalars(select(Association.end_reason)))
 
 
 def _count(svc: Service) -> int:
