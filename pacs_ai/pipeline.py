@@ -496,7 +496,7 @@ class Pipeline:
     def _report_request(
         self, claim: _Claim, model: LoadedModel, results: list[tuple[_SeriesInput, SeriesScore]]
     ) -> ReportRequest:
-        from pacs_ai.reporting import AlgorithmInfo, Code, FindingResult, ReportRequest
+        from pacs_ai.reporting import AlgorithmInfo, FindingResult, ReportRequest
 
         card = model.card
         findings = []
@@ -506,7 +506,7 @@ class Pipeline:
             findings.append(
                 FindingResult(
                     label=f.label,
-                    code=Code(f.code.value, f.code.scheme, f.code.meaning),
+                    code=f.code,
                     probability=prob,
                     threshold=threshold,
                     present=prob >= threshold,

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pacs_ai.codes import Code
 from pacs_ai.errors import ModelError
-from pacs_ai.inference.card import Code, Finding, ModelCard, load_card
+from pacs_ai.inference.card import Finding, ModelCard, load_card
 from pacs_ai.inference.runner import LoadedModel, SeriesScore, load_model, select_device
 
 BUNDLED_PREFIX = "bundled:"

@@ -14,25 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pacs_ai.codes import COVID19, PNEUMONIA, Code
 from pacs_ai.errors import ModelError, ModelRefused
 from pacs_ai.imaging.prepare import InputSpec
 
 CARD_FILE = "card.json"
 SAFETENSORS_FILE = "model.safetensors"
 STATE_DICT_FILE = "model.pt"
-
-
-@dataclass(frozen=True)
-class Code:
-    """A coded concept; ``meaning`` is at most 64 characters (DICOM LO)."""
-
-    scheme: str
-    value: str
-    meaning: str
-
-    def __post_init__(self) -> None:
-        if not self.meaning or len(self.meaning) > 64:
-            raise ValueError(f"code meaning {self.meaning!r} must be 1-64 characters")
 
 
 @dataclass(frozen=True)
@@ -45,8 +33,8 @@ class Finding:
 
 # Class labels that are reportable findings, with their SNOMED CT codes.
 KNOWN_FINDINGS: dict[str, Code] = {
-    "covid": Code("SCT", "840539006", "COVID-19"),
-    "pneumonia": Code("SCT", "233604007", "Pneumonia"),
+    "covid": COVID19,
+    "pneumonia": PNEUMONIA,
 }
 # Class labels that mean "no finding": never reported as present.
 NON_FINDINGS = frozenset({"normal", "other", "non-covid", "not-covid", "negative"})

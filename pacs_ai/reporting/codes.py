@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydicom.sr.coding import Code
 
-from pacs_ai.reporting import inputs
+from pacs_ai import codes
 
 # CID 241 "Present-Absent". DESIGN.md and older lists say SCT 2667000 for "Absent"; SNOMED CT
 # inactivated that concept and PS3.16 CID 241 now lists SCT 272519000 (what pydicom's code
@@ -39,8 +39,8 @@ CHEST_CT = Code("169069000", "SCT", "CT of chest")
 IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
 
 # Findings the bundled models report (as input codes, for FindingResult).
-COVID19 = inputs.Code("840539006", "SCT", "COVID-19")
-PNEUMONIA = inputs.Code("233604007", "SCT", "Pneumonia")
+COVID19 = codes.COVID19
+PNEUMONIA = codes.PNEUMONIA
 
 
 def procedure_for_modality(modality: str) -> Code:

@@ -15,17 +15,18 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.dataset import Dataset
 
+from pacs_ai.codes import Code
 from pacs_ai.errors import PacsAiError
 
-# PS3.5: CodeValue and CodingSchemeDesignator are SH (16), CodeMeaning is LO (64).
-_MAX_CODE_VALUE = 16
-_MAX_MEANING = 64
 _MAX_LO = 64
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
 class InvalidReportRequest(PacsAiError, ValueError):
     """A :class:`ReportRequest` (or one of its parts) cannot be turned into a report."""
+
+
+__all__ = ["AlgorithmInfo", "Code", "FindingResult", "PriorReport", "ReportRequest"]
 
 
 def _check_lo(what: str, value: str) -> None:
@@ -36,25 +37,6 @@ def _check_lo(what: str, value: str) -> None:
 def _check_uid(what: str, value: str) -> None:
     if not (0 < len(value) <= 64 and _UID_RE.match(value)):
         raise InvalidReportRequest(f"{what} is not a valid DICOM UID")
-
-
-@dataclass(frozen=True)
-class Code:
-    """A coded concept; ``meaning`` is at most 64 characters (the LO limit of CodeMeaning)."""
-
-    value: str
-    scheme: str
-    meaning: str
-
-    def __post_init__(self) -> None:
-        if not self.value or len(self.value) > _MAX_CODE_VALUE or " " in self.value:
-            raise InvalidReportRequest(f"code value {self.value!r} must be 1-16 characters")
-        if not self.scheme or len(self.scheme) > _MAX_CODE_VALUE:
-            raise InvalidReportRequest(f"coding scheme {self.scheme!r} must be 1-16 characters")
-        if not self.meaning or len(self.meaning) > _MAX_MEANING or "\\" in self.meaning:
-            raise InvalidReportRequest(
-                f"code meaning {self.meaning!r} must be 1-{_MAX_MEANING} characters, no '\\'"
-            )
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from pacs_ai.codes import InvalidCode
 from pacs_ai.logs import quiet_third_party
 from pacs_ai.reporting import (
     AlgorithmInfo,
@@ -98,9 +99,9 @@ def test_unknown_kind_is_refused(ct: list[Dataset]) -> None:
 
 def test_code_meaning_limit() -> None:
     Code("1", "SCT", "x" * 64)
-    with pytest.raises(InvalidReportRequest, match="64"):
+    with pytest.raises(InvalidCode, match="64"):
         Code("1", "SCT", "x" * 65)
-    with pytest.raises(InvalidReportRequest):
+    with pytest.raises(InvalidCode):
         Code("12345678901234567", "SCT", "too long a code value")
     assert all(len(c.meaning) <= 64 for c in (rcodes.COVID19, rcodes.PNEUMONIA))
 
