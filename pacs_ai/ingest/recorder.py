@@ -46,15 +46,25 @@ class AssociationCache:
     series: dict[str, int] = field(default_factory=dict)
 
 
-def _insert_ignore(conn: Connection, model: type[Any], values: dict[str, Any], key: str) -> None:
-    stmt: Any
-    if conn.dialect.name == "postgresql":
-        stmt = (
-            postgresql.insert(model).values(**values).on_conflict_do_nothing(index_elements=[key])
-        )
-    else:
-        stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing(index_elements=[key])
-    conn.execute(stmt)
+def _get_or_create(
+    conn: Connection, model: Any, key: str, values: dict[str, Any], cache: dict[str, int]
+) -> int:
+    """The id of the row whose unique ``key`` column equals ``values[key]``, inserting it if
+    needed; safe against another association inserting the same row concurrently."""
+    uid = values[key]
+    row_id = cache.get(uid)
+    if row_id is None:
+        column = getattr(model, key)
+        row_id = conn.scalar(select(model.id).where(column == uid))
+        if row_id is None:
+            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+            conn.execute(
+                dialect.insert(model).values(**values).on_conflict_do_nothing(index_elements=[key])
+            )
+            row_id = conn.scalar(select(model.id).where(column == uid))
+        assert row_id is not None
+        cache[uid] = row_id
+    return int(row_id)
 
 
 def write_audit(
@@ -196,33 +206,21 @@ class IngestRecorder:
     def _study_id(
         self, s: Connection, h: InstanceHeader, now: dt.datetime, cache: AssociationCache
     ) -> int:
-        sid = cache.studies.get(h.study_uid)
-        if sid is None:
-            sid = s.scalar(select(Study.id).where(Study.study_uid == h.study_uid))
-            if sid is None:
-                _insert_ignore(
-                    s,
-                    Study,
-                    dict(
-                        study_uid=h.study_uid,
-                        patient_id=h.patient_id,
-                        patient_name=h.patient_name,
-                        accession_number=h.accession_number,
-                        study_date=h.study_date,
-                        study_description=h.study_description,
-                        state=StudyState.RECEIVING,
-                        revision=0,
-                        instance_count=0,
-                        first_received_at=now,
-                        last_received_at=now,
-                        state_changed_at=now,
-                    ),
-                    "study_uid",
-                )
-                sid = s.scalar(select(Study.id).where(Study.study_uid == h.study_uid))
-            assert sid is not None
-            cache.studies[h.study_uid] = sid
-        return sid
+        values = {
+            "study_uid": h.study_uid,
+            "patient_id": h.patient_id,
+            "patient_name": h.patient_name,
+            "accession_number": h.accession_number,
+            "study_date": h.study_date,
+            "study_description": h.study_description,
+            "state": StudyState.RECEIVING,
+            "revision": 0,
+            "instance_count": 0,
+            "first_received_at": now,
+            "last_received_at": now,
+            "state_changed_at": now,
+        }
+        return _get_or_create(s, Study, "study_uid", values, cache.studies)
 
     def _series_id(
         self,
@@ -232,30 +230,18 @@ class IngestRecorder:
         now: dt.datetime,
         cache: AssociationCache,
     ) -> int:
-        sid = cache.series.get(h.series_uid)
-        if sid is None:
-            sid = s.scalar(select(Series.id).where(Series.series_uid == h.series_uid))
-            if sid is None:
-                _insert_ignore(
-                    s,
-                    Series,
-                    dict(
-                        study_id=study_id,
-                        series_uid=h.series_uid,
-                        modality=h.modality,
-                        body_part=h.body_part,
-                        series_number=h.series_number,
-                        series_description=h.series_description,
-                        state=SeriesState.RECEIVING,
-                        instance_count=0,
-                        last_received_at=now,
-                    ),
-                    "series_uid",
-                )
-                sid = s.scalar(select(Series.id).where(Series.series_uid == h.series_uid))
-            assert sid is not None
-            cache.series[h.series_uid] = sid
-        return sid
+        values = {
+            "study_id": study_id,
+            "series_uid": h.series_uid,
+            "modality": h.modality,
+            "body_part": h.body_part,
+            "series_number": h.series_number,
+            "series_description": h.series_description,
+            "state": SeriesState.RECEIVING,
+            "instance_count": 0,
+            "last_received_at": now,
+        }
+        return _get_or_create(s, Series, "series_uid", values, cache.series)
 
     def _record(
         self,

@@ -18,6 +18,10 @@ from highdicom.sr import ContentSequence
 from highdicom.sr.sop import _SR
 from pydicom.dataset import Dataset
 
+from pacs_ai.reporting import _common
+from pacs_ai.reporting.inputs import ReportRequest
+from pacs_ai.reporting.uids import ReportKind, report_series_uid, report_uid
+
 _ROOT_HEADER = (
     "ValueType",
     "ConceptNameCodeSequence",
@@ -39,3 +43,34 @@ def sr_document(factory: Callable[..., _SR], content: ContentSequence, **kwargs:
         doc[tag] = value
     doc._content = content  # what highdicom's from_dataset would rebuild, minus the copy
     return doc
+
+
+def report_document(
+    factory: Callable[..., _SR],
+    content: ContentSequence,
+    req: ReportRequest,
+    kind: ReportKind,
+    description: str,
+) -> _SR:
+    """An SR report of ``kind`` for ``req``: the header every pacs-ai SR shares (same study,
+    own series, deterministic UIDs, UNVERIFIED, predecessors, contributing equipment)."""
+    algo = req.algorithm
+    return sr_document(
+        factory,
+        content,
+        evidence=_common.evidence(req),
+        series_instance_uid=report_series_uid(req, kind),
+        series_number=_common.SERIES_NUMBER[kind],
+        sop_instance_uid=report_uid(req, kind),
+        instance_number=req.study_revision + 1,
+        manufacturer=algo.manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        previous_versions=_common.predecessors(req),
+        contributing_equipment=_common.contributing_equipment(req),
+        series_description=_common.series_description(req, description),
+        manufacturer_model_name=algo.name,
+        software_versions=algo.version,
+        specific_character_set=_common.character_set(req),
+    )

@@ -37,11 +37,11 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from pacs_ai.reporting import _common, codes
-from pacs_ai.reporting._document import sr_document
+from pacs_ai.reporting._document import report_document
 from pacs_ai.reporting._library import image_library
 from pacs_ai.reporting.inputs import Code as InputCode
 from pacs_ai.reporting.inputs import FindingResult, ReportRequest
-from pacs_ai.reporting.uids import derived_uid, report_series_uid, report_uid
+from pacs_ai.reporting.uids import derived_uid, report_uid
 
 _IMAGING_MEASUREMENTS = Code("126010", "DCM", "Imaging Measurements")
 
@@ -118,22 +118,4 @@ def build_sr(req: ReportRequest) -> Dataset:
     items.insert(measurements, image_library(req.sources))
     if algo.demo:
         items.append(_demo_container())
-    return sr_document(
-        Comprehensive3DSR,
-        report,
-        evidence=_common.evidence(req),
-        series_instance_uid=report_series_uid(req, "sr"),
-        series_number=_common.SERIES_NUMBER["sr"],
-        sop_instance_uid=sop_uid,
-        instance_number=req.study_revision + 1,
-        manufacturer=algo.manufacturer,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        previous_versions=_common.predecessors(req),
-        contributing_equipment=_common.contributing_equipment(req),
-        series_description=_common.series_description(req, "result"),
-        manufacturer_model_name=algo.name,
-        software_versions=algo.version,
-        specific_character_set=_common.character_set(req),
-    )
+    return report_document(Comprehensive3DSR, report, req, "sr", "result")

@@ -29,10 +29,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import BasicTextSRStorage
 
 from pacs_ai.reporting import _common, codes
-from pacs_ai.reporting._document import sr_document
+from pacs_ai.reporting._document import report_document
 from pacs_ai.reporting._library import flat_image_library
 from pacs_ai.reporting.inputs import ReportRequest
-from pacs_ai.reporting.uids import report_series_uid, report_uid
 
 _CONTAINS = RelationshipTypeValues.CONTAINS
 _ENGLISH = CodedConcept("en-US", "RFC5646", "English (United States)")
@@ -67,7 +66,6 @@ def _findings_section(req: ReportRequest) -> ContainerContentItem:
 
 def build_text_sr(req: ReportRequest) -> Dataset:
     """The Basic Text SR for ``req`` (deterministic UIDs, UNVERIFIED)."""
-    algo = req.algorithm
     root = ContainerContentItem(
         name=codes.DIAGNOSTIC_IMAGING_REPORT, is_content_continuous=False, template_id="2000"
     )
@@ -76,22 +74,6 @@ def build_text_sr(req: ReportRequest) -> Dataset:
     root.ContentSequence.extend(_common.observation_context(req))
     root.ContentSequence.append(_findings_section(req))
     root.ContentSequence.append(flat_image_library(req.sources))
-    return sr_document(
-        _BasicTextSR,
-        ContentSequence([root], is_root=True),
-        evidence=_common.evidence(req),
-        series_instance_uid=report_series_uid(req, "text_sr"),
-        series_number=_common.SERIES_NUMBER["text_sr"],
-        sop_instance_uid=report_uid(req, "text_sr"),
-        instance_number=req.study_revision + 1,
-        manufacturer=algo.manufacturer,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        previous_versions=_common.predecessors(req),
-        contributing_equipment=_common.contributing_equipment(req),
-        series_description=_common.series_description(req, "text"),
-        manufacturer_model_name=algo.name,
-        software_versions=algo.version,
-        specific_character_set=_common.character_set(req),
+    return report_document(
+        _BasicTextSR, ContentSequence([root], is_root=True), req, "text_sr", "text"
     )

@@ -17,17 +17,9 @@ from tests.tools import require_tool
 
 
 def _run(tool: str, svc: Service, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    assert svc.server is not None
     return subprocess.run(
-        [require_tool(tool), "-aec", "PACS_AI", *map(str, args), "127.0.0.1", str(svc.server.port)]
-        if tool == "echoscu"
-        else [
-            require_tool(tool),
-            "-aec",
-            "PACS_AI",
-            "127.0.0.1",
-            str(svc.server.port),
-            *map(str, args),
-        ],
+        [require_tool(tool), "-aec", "PACS_AI", "127.0.0.1", str(svc.server.port), *map(str, args)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -40,21 +32,7 @@ def test_echoscu(start_service: ServiceFactory) -> None:
     svc = start_service()
     assert _run("echoscu", svc).returncode == 0
     # dcmtk's echoscu from an AE title not on the allowlist is rejected.
-    denied = subprocess.run(
-        [
-            require_tool("echoscu"),
-            "-aet",
-            "NOBODY",
-            "-aec",
-            "PACS_AI",
-            "127.0.0.1",
-            str(svc.server.port),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    denied = _run("echoscu", svc, "-aet", "NOBODY")
     assert denied.returncode != 0 and "Calling AE Title Not Recognized" in denied.stderr
 
 

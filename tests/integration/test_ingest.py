@@ -232,9 +232,12 @@ def test_association_policy(start_service: ServiceFactory) -> None:
     assert mixed.release()
     mixed.close()
     wait_for(lambda: svc.server.active_associations() == 0)
-    with svc.engine.connect() as c:
-        reasons = c.scalars(select(Association.reject_reason).where(~Association.accepted)).all()
-    assert len(reasons) == 4 and all(reasons)
+
+    def reasons() -> list[str | None]:
+        with svc.engine.connect() as c:
+            return list(c.scalars(select(Association.reject_reason).where(~Association.accepted)))
+
+    wait_for(lambda: len(reasons()) == 4 and all(reasons()), what="4 recorded rejections")
 
 
 def test_disk_watermark(start_service: ServiceFactory) -> None:
