@@ -164,6 +164,7 @@ class Pipeline:
         models: ModelProvider,
         on_reported: Callable[[], None] | None = None,
         clock: Callable[[], dt.datetime] = utcnow,
+        worker_id: str | None = None,
     ) -> None:
         self._engine = engine
         self._settings = settings
@@ -172,7 +173,7 @@ class Pipeline:
         self._on_reported = on_reported
         self._clock = clock
         self._spool = Spool(settings.storage.path, 0)
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"[:64]
+        self.worker_id = (worker_id or f"{socket.gethostname()}:{os.getpid()}")[:64]
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
