@@ -156,6 +156,9 @@ class PacsAi(Receiver):
             '[storage]\npath = "spool"\nmin_free_mb = 100\n'
             '[database]\nurl = "sqlite:///pacs-ai.db"\n'
             '[logging]\nlevel = "WARNING"\n'
+            # The receiver alone (the pipeline would load torch and score the CT meanwhile);
+            # benchmarks/e2e.py measures the whole service.
+            '[pipeline]\nenabled = false\n'
         )
         python = sys.executable
         subprocess.run(

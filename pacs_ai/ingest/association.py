@@ -369,28 +369,33 @@ class AssociationHandler:
         cmd = msg.command
         assert cmd is not None
         cx = neg.contexts[msg.context_id]
-        # The file's fdatasync (GIL released) overlaps with parsing and validating it here.
-        flushing = self.ctx.io_pool.submit(pending.flush)
+        try:
+            stored = pending.place()
+        except StoreError as exc:
+            return exc
+        # The fsync (GIL released) runs on another thread while this one validates the file
+        # and prepares its rows; the transaction commits only once the file is durable.
+        durable = self.ctx.io_pool.submit(pending.make_durable)
         try:
             header = read_and_validate(
-                pending.path,
+                self.ctx.spool.resolve(stored.relpath),
                 cx.transfer_syntax,
                 cmd.sop_class_uid,
                 cmd.sop_instance_uid,
                 self.settings.dicom.max_pixel_bytes,
             )
-            flushing.result()
-            stored = pending.commit()
-        except StoreError as exc:
-            wait([flushing])
-            pending.discard()
-            return exc
-        try:
             outcome = self.ctx.recorder.record_instance(
-                self.assoc_id, self.calling_ae, header, stored, cx.transfer_syntax, self._cache
+                self.assoc_id,
+                self.calling_ae,
+                header,
+                stored,
+                cx.transfer_syntax,
+                self._cache,
+                before_commit=durable.result,
             )
         except StoreError as exc:
-            self.ctx.spool.remove(stored)
+            wait([durable])
+            pending.discard()
             return exc
         log.debug(
             "association %d: instance %s %s (%d bytes)",

@@ -194,14 +194,26 @@ class IngestRecorder:
         stored: StoredFile,
         transfer_syntax: str,
         cache: AssociationCache,
+        before_commit: Callable[[], object] = lambda: None,
     ) -> RecordOutcome:
+        """Record one instance; ``before_commit`` runs inside the transaction just before it
+        commits (the spool file's fsync is awaited there), and may raise to roll it back."""
         try:
             with self._engine.begin() as s:
-                return self._record(s, assoc_id, calling_ae, header, stored, transfer_syntax, cache)
-        except SQLAlchemyError as exc:
+                outcome = self._record(
+                    s, assoc_id, calling_ae, header, stored, transfer_syntax, cache
+                )
+                before_commit()
+                return outcome
+        except Exception as exc:
+            # Ids cached during a rolled-back transaction may not exist.
             cache.studies.clear()
             cache.series.clear()
-            raise DatabaseUnavailable(f"database write failed: {exc.__class__.__name__}") from exc
+            if isinstance(exc, SQLAlchemyError):
+                raise DatabaseUnavailable(
+                    f"database write failed: {exc.__class__.__name__}"
+                ) from exc
+            raise
 
     def _study_id(
         self, s: Connection, h: InstanceHeader, now: dt.datetime, cache: AssociationCache

@@ -4,8 +4,9 @@ After a crash (even ``kill -9``) every instance that was answered with Success h
 in ``objects/`` and its row in ``instances``; what else may be found is handled here:
 
 - files in ``tmp/``: never acknowledged; removed;
-- files in ``objects/`` without a row (crash between rename and commit): moved to
-  ``quarantine/``, audited, never deleted;
+- files in ``objects/`` without a row (crash between placing and committing): never
+  acknowledged. Their name is the sha256 of their dataset bytes, so a torn one (hash
+  mismatch) is removed; a complete one is moved to ``quarantine/``, audited, never deleted;
 - rows whose file is missing: audited as errors (should not happen; an admin must look);
 - associations left open: closed with end reason ``interrupted``, so their X-ray series can
   complete.
@@ -20,14 +21,14 @@ from sqlalchemy import Engine, select, update
 
 from pacs_ai.db.models import Association, Instance, utcnow
 from pacs_ai.ingest.recorder import write_audit
-from pacs_ai.ingest.spool import Spool
+from pacs_ai.ingest.spool import Spool, dataset_sha256
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RecoveryReport:
-    partial_removed: int
+    partial_removed: int  # in tmp/, or torn in objects/: never acknowledged
     orphans_quarantined: int
     missing_files: int
     associations_closed: int
@@ -37,15 +38,18 @@ def recover(spool: Spool, engine: Engine) -> RecoveryReport:
     partial = spool.prepare()
     with engine.begin() as s:
         known = set(s.scalars(select(Instance.path)).all())
-        orphans = 0
+        orphans = torn = 0
         for path in spool.iter_objects():
             rel = str(path.relative_to(spool.root))
-            if rel not in known:
-                dest = spool.quarantine(path)
-                orphans += 1
-                write_audit(
-                    s, "system", "orphan_quarantined", "warning", detail={"file": dest.name}
-                )
+            if rel in known:
+                continue
+            if dataset_sha256(path) != path.stem:
+                path.unlink()
+                torn += 1
+                continue
+            dest = spool.quarantine(path)
+            orphans += 1
+            write_audit(s, "system", "orphan_quarantined", "warning", detail={"file": dest.name})
         missing = 0
         for inst_id, rel in s.execute(select(Instance.id, Instance.path)):
             if not (spool.root / rel).is_file():
@@ -59,7 +63,7 @@ def recover(spool: Spool, engine: Engine) -> RecoveryReport:
                 .returning(Association.id)
             ).all()
         )
-        report = RecoveryReport(partial, orphans, missing, closed)
+        report = RecoveryReport(partial + torn, orphans, missing, closed)
         if partial or orphans or missing or closed:
             write_audit(s, "system", "recovery", "warning", detail=report.__dict__)
     log.info(

@@ -4,11 +4,13 @@ Layout under ``storage.path``::
 
     tmp/                 instances being received (removed at start: never acknowledged)
     objects/ab/cd/<sha256>.dcm   stored instances, named by the sha256 of the dataset bytes
-    quarantine/          files found without a database row at start (never deleted)
+    quarantine/          complete files found without a database row at start (never deleted)
 
-File names come from our own hashes, never from UIDs or other tags. An object reaches
-``objects/`` by: write to ``tmp/`` -> fsync file -> rename -> fsync directory. Only then is the
-database row committed, and only then is Success sent.
+File names come from our own hashes, never from UIDs or other tags. An instance is streamed
+into ``tmp/``, renamed into ``objects/`` under its hash, fsynced with its directory, and only
+then is its database row committed and Success sent. Because the name is the content hash,
+a file found in ``objects/`` without a row is checked at start: torn (hash mismatch) files
+were never acknowledged and are removed; complete ones are quarantined for an admin.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class PendingFile:
         self._hash = hashlib.sha256()
         self.size = 0
         self._offset = 0
+        self._placed: StoredFile | None = None
         self._fd: int | None = None
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -143,39 +146,65 @@ class PendingFile:
         except OSError as exc:
             _raise_io(exc, "writing the spool")
 
-    def flush(self) -> None:
-        """Make the bytes durable (may run on another thread while the file is validated)."""
-        assert self._fd is not None
-        try:
-            os.fdatasync(self._fd)
-        except OSError as exc:
-            _raise_io(exc, "flushing the spool")
+    def place(self) -> StoredFile:
+        """Move the received file to ``objects/`` under the hash of its dataset bytes.
 
-    def commit(self) -> StoredFile:
-        """fsync, move into ``objects/`` under its hash, fsync the directory."""
-        assert self._fd is not None
+        Not yet durable: :meth:`make_durable` follows (on another thread, while the file is
+        validated and its rows are prepared). Renaming before the fsync lets one journal
+        commit cover data, inode and directory entry; the directory fsync after it then has
+        nothing left to write. Until the database row commits the file is unacknowledged: a
+        crash leaves at most an orphan that recovery checks against its hash (a torn file is
+        removed, a complete one quarantined).
+        """
+        assert self._fd is not None and self._placed is None
         digest = self._hash.hexdigest()
         final = self._spool.object_path(digest)
         try:
-            os.fsync(self._fd)  # cheap after flush(); also covers the inode's size
-            os.close(self._fd)
-            self._fd = None
             final.parent.mkdir(parents=True, exist_ok=True)
             created = not final.exists()
             os.replace(self.path, final)
-            _fsync_dir(final.parent)
         except OSError as exc:
             self.discard()
-            _raise_io(exc, "committing to the spool")
-        return StoredFile(digest, self.size, str(final.relative_to(self._spool.root)), created)
+            _raise_io(exc, "placing a spool file")
+        self._placed = StoredFile(
+            digest, self.size, str(final.relative_to(self._spool.root)), created
+        )
+        return self._placed
+
+    def make_durable(self) -> None:
+        """fsync the placed file and its directory, then close it."""
+        assert self._fd is not None and self._placed is not None
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            _fsync_dir(self._spool.resolve(self._placed.relpath).parent)
+        except OSError as exc:
+            _raise_io(exc, "flushing the spool")
 
     def discard(self) -> None:
+        """Remove what was written: the temp file, or the placed file if this created it."""
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        if self._placed is not None:
+            self._spool.remove(self._placed)
+
+
+def dataset_sha256(path: Path) -> str:
+    """sha256 of a stored file's dataset bytes (after preamble and File Meta group)."""
+    with path.open("rb") as f:
+        head = f.read(144)
+        if len(head) < 144 or head[128:132] != b"DICM":
+            return ""
+        f.seek(144 + int.from_bytes(head[140:144], "little"))
+        digest = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class Spool:

@@ -11,7 +11,7 @@ from pacs_ai.db.models import Association, AuditEvent, Instance, Series, Study
 from pacs_ai.db.session import make_engine, upgrade
 from pacs_ai.errors import OutOfResources
 from pacs_ai.ingest.recovery import recover
-from pacs_ai.ingest.spool import Spool
+from pacs_ai.ingest.spool import Spool, part10_header
 
 
 def test_commit_names_by_hash_and_discard(tmp_path: Path) -> None:
@@ -19,15 +19,22 @@ def test_commit_names_by_hash_and_discard(tmp_path: Path) -> None:
     spool.prepare()
     pending = spool.begin(b"HEADER")
     pending.write(b"dataset-bytes")
-    pending.flush()
-    stored = pending.commit()
+    stored = pending.place()
+    pending.make_durable()
     path = spool.resolve(stored.relpath)
     assert path.read_bytes() == b"HEADERdataset-bytes"
     assert path.name == f"{stored.sha256}.dcm" and stored.size == len(b"dataset-bytes")
     assert stored.created
     again = spool.begin(b"OTHER-HEADER")
     again.write(b"dataset-bytes")
-    assert not again.commit().created  # same dataset bytes, same object
+    assert not again.place().created  # same dataset bytes, same object
+    again.discard()  # discarding a duplicate never removes the object it duplicates
+    assert path.exists()
+    placed = spool.begin(b"H")
+    placed.write(b"refused after placing")
+    placed_path = spool.resolve(placed.place().relpath)
+    placed.discard()
+    assert not placed_path.exists()
     gone = spool.begin(b"H")
     gone.write(b"x")
     gone.discard()
@@ -52,12 +59,17 @@ def test_recovery_quarantines_orphans_and_closes_associations(tmp_path: Path) ->
     upgrade(engine)
     spool = Spool(tmp_path / "spool", 0)
     spool.prepare()
-    kept = spool.begin(b"")
+    header = part10_header("1.2", "1.2.3", "1.2.840.10008.1.2.1", "X")
+    kept = spool.begin(header)
     kept.write(b"recorded")
-    kept_file = kept.commit()
-    orphan = spool.begin(b"")
-    orphan.write(b"renamed but never recorded")
-    orphan_file = orphan.commit()
+    kept_file = kept.place()
+    orphan = spool.begin(header)
+    orphan.write(b"placed but never recorded")
+    orphan_file = orphan.place()
+    torn = spool.begin(header)
+    torn.write(b"complete content")
+    torn_path = spool.resolve(torn.place().relpath)
+    torn_path.write_bytes(header + b"compl")  # a crash before its fsync: torn
     (spool.tmp_dir / "half.part").write_bytes(b"partial")
     with engine.begin() as c:
         assoc = c.execute(
@@ -82,7 +94,8 @@ def test_recovery_quarantines_orphans_and_closes_associations(tmp_path: Path) ->
                 )
             )
     report = recover(spool, engine)
-    assert (report.partial_removed, report.orphans_quarantined) == (1, 1)
+    assert (report.partial_removed, report.orphans_quarantined) == (2, 1)
+    assert not torn_path.exists()
     assert (report.missing_files, report.associations_closed) == (1, 1)
     assert spool.resolve(kept_file.relpath).exists()
     assert not spool.resolve(orphan_file.relpath).exists()
