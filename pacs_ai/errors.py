@@ -47,7 +47,16 @@ def reject_no_reason(why: str) -> AssociationRejected:
 
 
 class ProtocolError(PacsAiError):
-    """The peer broke the upper-layer protocol; the association is aborted."""
+    """The peer broke the upper-layer protocol; the association is aborted with an A-ABORT
+    whose provider reason (PS3.8 Table 9-26) is ``abort_reason``."""
+
+    UNRECOGNIZED_PDU = 1
+    UNEXPECTED_PDU = 2
+    INVALID_PARAMETER = 6
+
+    def __init__(self, message: str, abort_reason: int = INVALID_PARAMETER) -> None:
+        super().__init__(message)
+        self.abort_reason = abort_reason
 
 
 # --- instance level (C-STORE) ---------------------------------------------------------------

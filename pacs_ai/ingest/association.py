@@ -132,12 +132,7 @@ class AssociationHandler:
             end_reason = "connection_lost"
         except ProtocolError as exc:
             end_reason = "aborted"
-            reason = (
-                p.ABORT_UNRECOGNIZED_PDU
-                if "unknown PDU" in str(exc)
-                else (p.ABORT_INVALID_PARAMETER)
-            )
-            self._abort(stream, reason)
+            self._abort(stream, exc.abort_reason)
             log.warning("association %d aborted: %s", self.assoc_id, exc)
             self.ctx.recorder.audit(
                 self.calling_ae or "unknown",
@@ -211,7 +206,10 @@ class AssociationHandler:
         timeout = self.settings.dicom.acse_timeout
         pdu_type, body = stream.read_pdu(timeout)
         if pdu_type != p.A_ASSOCIATE_RQ:
-            raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
+            raise ProtocolError(
+                f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}",
+                ProtocolError.UNEXPECTED_PDU,
+            )
         try:
             rq = decode_request(bytes(body))
             self.calling_ae = (rq.calling_ae_title or "").strip()
@@ -278,7 +276,9 @@ class AssociationHandler:
                 elif pdu_type == p.A_ABORT:
                     return "aborted_by_peer"
                 else:
-                    raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
+                    raise ProtocolError(
+                        f"unexpected PDU type 0x{pdu_type:02X}", ProtocolError.UNEXPECTED_PDU
+                    )
         finally:
             if msg is not None and msg.pending is not None:
                 msg.pending.discard()

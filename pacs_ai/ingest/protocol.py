@@ -37,11 +37,7 @@ MAX_ASSOCIATE_RQ_LENGTH = 1024 * 1024
 # Some implementations count the PDU header in their P-DATA size; tolerate that much.
 _PDATA_SLACK = 16
 
-# A-ABORT reasons when the source is the service provider (PS3.8 Table 9-26).
-ABORT_NOT_SPECIFIED = 0
-ABORT_UNRECOGNIZED_PDU = 1
-ABORT_UNEXPECTED_PDU = 2
-ABORT_INVALID_PARAMETER = 6
+ABORT_NOT_SPECIFIED = 0  # A-ABORT provider reason (PS3.8 Table 9-26); others on ProtocolError
 
 COMMAND_C_STORE_RQ = 0x0001
 COMMAND_C_ECHO_RQ = 0x0030
@@ -109,7 +105,9 @@ class PduStream:
         self._recv_exact(memoryview(self._header), timeout)
         pdu_type, _, length = struct.unpack(">BBL", self._header)
         if pdu_type not in _KNOWN_PDU_TYPES:
-            raise ProtocolError(f"unknown PDU type 0x{pdu_type:02X}")
+            raise ProtocolError(
+                f"unknown PDU type 0x{pdu_type:02X}", ProtocolError.UNRECOGNIZED_PDU
+            )
         if pdu_type == P_DATA:
             limit = self._max_pdata
         elif pdu_type == A_ASSOCIATE_RQ:
