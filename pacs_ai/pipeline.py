@@ -47,7 +47,7 @@ from pacs_ai.db.models import (
     utcnow,
 )
 from pacs_ai.delivery.outbox import Outbox
-from pacs_ai.errors import ImagingError, PacsAiError
+from pacs_ai.errors import ImagingError, NotApplicable, PacsAiError
 from pacs_ai.imaging.gating import assess_series
 from pacs_ai.ingest.recorder import write_audit
 from pacs_ai.ingest.spool import Spool
@@ -357,15 +357,28 @@ class Pipeline:
             group = [s for s in applicable if s.model == key]
             model = self._models.get(key)
             model_info[key] = model
-            results = []
-            for s in group:
-                try:
-                    results.append((s, model.score_series([s.paths])[0]))
-                except ImagingError as exc:
-                    s.model, s.reason = None, f"cannot read images: {exc}"
+            results = self._score(model, group)
             if results:
                 scores[key] = results
         self._record(claim, scores, model_info, (time.perf_counter() - t0) * 1000)
+
+    @staticmethod
+    def _score(
+        model: LoadedModel, group: list[_SeriesInput]
+    ) -> list[tuple[_SeriesInput, SeriesScore]]:
+        """Score all series of one model in one batched call; if one series cannot be read,
+        score them one by one so only that series is marked not applicable."""
+        try:
+            return list(zip(group, model.score_series([s.paths for s in group]), strict=True))
+        except (ImagingError, NotApplicable):
+            log.info("a series of the batch could not be scored; scoring one by one")
+        results = []
+        for s in group:
+            try:
+                results.append((s, model.score_series([s.paths])[0]))
+            except (ImagingError, NotApplicable) as exc:
+                s.model, s.reason = None, f"cannot score: {exc}"[:200]
+        return results
 
     # --- recording -------------------------------------------------------------------------
 
