@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:
+# Two commands on a fresh machine (Debian/Ubuntu; apt-get runs through sudo unless root):
 #   make run   - create .venv, install, upgrade the database, serve on config.toml
 #   make test  - install what tests need (pip and apt), start PostgreSQL if needed, then
 #                ruff, mypy and pytest
@@ -7,8 +7,6 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?= config.toml
-# Debian packages the integration tests use as real peers.
-APT_PACKAGES := dcmtk orthanc dicom3tools postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test check lint typecheck pytest system-deps services samples bench clean
@@ -25,7 +23,7 @@ run: $(STAMP)
 
 system-deps:
 	@missing=""; \
-	for tool in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools pg_ctlcluster:postgresql; do \
+	for tool in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools pg_ctlcluster:postgresql openssl:openssl; do \
 	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -40,6 +38,10 @@ services: system-deps
 	  $(SUDO) pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | tail -n1) main start; \
 	  for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; \
 	  pg_isready -h 127.0.0.1 -p 5432; }
+	@url="$${PACS_AI_TEST_POSTGRES_URL:-postgresql://postgres@127.0.0.1:5432/test}"; \
+	psql "$$(echo "$$url" | sed 's/+psycopg//')" -qAtc "select 1" >/dev/null 2>&1 || \
+	  echo "note: cannot log in to PostgreSQL as the tests do; set PACS_AI_TEST_POSTGRES_URL" \
+	       "(SQLAlchemy URL, e.g. postgresql+psycopg://user:pass@127.0.0.1/db) or allow that login"
 
 lint: $(STAMP)
 	$(BIN)/ruff check pacs_ai tests benchmarks dicom_samples migrations/env.py
