@@ -123,8 +123,17 @@ def wait_sr(orthanc: Orthanc, study_uid: str, timeout: float = 300) -> float:
     raise TimeoutError(f"no SR for study after {timeout} s")
 
 
+_PHANTOMS: dict[int, np.ndarray] = {}
+
+
 def dx_study(folder: Path, seed: int, size: int = 2048) -> tuple[str, list[Path]]:
-    img = cxr_phantom(("covid", "pneumonia", "normal")[seed % 3], np.random.default_rng(seed), size)
+    """A new DX study (new UIDs); pixels from a pool of 6 phantoms (drawing a 2048² phantom
+    takes seconds, and the content does not change the timing)."""
+    key = seed % 6
+    if key not in _PHANTOMS:
+        kind = ("covid", "pneumonia", "normal")[key % 3]
+        _PHANTOMS[key] = cxr_phantom(kind, np.random.default_rng(key), size)  # type: ignore[arg-type]
+    img = _PHANTOMS[key]
     ds = dw.xray_image(
         200 + img * 3700, modality="DX", study=dw.StudyInfo(), pixel_spacing_mm=0.175
     )

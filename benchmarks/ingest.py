@@ -158,7 +158,7 @@ class PacsAi(Receiver):
             '[logging]\nlevel = "WARNING"\n'
             # The receiver alone (the pipeline would load torch and score the CT meanwhile);
             # benchmarks/e2e.py measures the whole service.
-            '[pipeline]\nenabled = false\n'
+            "[pipeline]\nenabled = false\n"
         )
         python = sys.executable
         subprocess.run(
