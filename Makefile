@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG ?= config.toml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test check lint typecheck pytest system-deps services samples bench clean
+.PHONY: run test lint typecheck pytest system-deps services samples clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -51,7 +51,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP) services
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: $(STAMP) services lint typecheck pytest
 

@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.ingest import free_port, wait_port  # noqa: E402
+from benchmarks.ingest import free_port, tool, wait_port  # noqa: E402
 from pacs_ai.training import dicomwriter as dw  # noqa: E402
 from pacs_ai.training.phantoms import ct_phantom, cxr_phantom  # noqa: E402
 
@@ -59,7 +59,7 @@ class Orthanc:
         }
         (workdir / "orthanc.json").write_text(json.dumps(cfg))
         self.proc = subprocess.Popen(
-            ["Orthanc", str(workdir / "orthanc.json")],
+            [tool("Orthanc"), str(workdir / "orthanc.json")],
             env={**os.environ, "TCP_NODELAY": "1"},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -107,7 +107,7 @@ def start_pacs_ai(workdir: Path, port: int, orthanc_port: int) -> subprocess.Pop
 
 def storescu(port: int, files: list[Path]) -> None:
     subprocess.run(
-        ["storescu", "-aec", "PACS_AI", "127.0.0.1", str(port), *map(str, files)],
+        [tool("storescu"), "-aec", "PACS_AI", "127.0.0.1", str(port), *map(str, files)],
         env={**os.environ, "TCP_NODELAY": "1"},
         check=True,
         capture_output=True,

@@ -40,6 +40,19 @@ from pacs_ai.training import dicomwriter as dw  # noqa: E402
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def tool(name: str) -> str:
+    """A system executable (dcmtk, Orthanc), never the same-named pynetdicom console script
+    that an activated virtual environment puts first on PATH."""
+    venv_bin = (Path(sys.prefix) / "bin").resolve()
+    dirs = [d for d in os.environ.get("PATH", os.defpath).split(os.pathsep) if d]
+    found = shutil.which(
+        name, path=os.pathsep.join(d for d in dirs if Path(d).resolve() != venv_bin)
+    )
+    if found is None:
+        raise SystemExit(f"{name} not found: `make system-deps`")
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,7 +121,7 @@ class StoreSCP(Receiver):
     def start(self, workdir: Path, port: int) -> subprocess.Popen[bytes]:
         (workdir / "out").mkdir()
         return subprocess.Popen(
-            ["storescp", "-aet", self.aet, "-od", str(workdir / "out"), str(port)],
+            [tool("storescp"), "-aet", self.aet, "-od", str(workdir / "out"), str(port)],
             env={**os.environ, "TCP_NODELAY": "1"},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -137,7 +150,7 @@ class Orthanc(Receiver):
         }
         (workdir / "orthanc.json").write_text(json.dumps(cfg))
         return subprocess.Popen(
-            ["Orthanc", str(workdir / "orthanc.json")],
+            [tool("Orthanc"), str(workdir / "orthanc.json")],
             env={**os.environ, "TCP_NODELAY": "1"},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -184,7 +197,7 @@ def one_run(receiver: Receiver, files: list[Path]) -> dict[str, float]:
             cpu0 = cpu_seconds(proc.pid)
             t0 = time.perf_counter()
             sent = subprocess.run(
-                ["storescu", "-aec", receiver.aet, "127.0.0.1", str(port), *map(str, files)],
+                [tool("storescu"), "-aec", receiver.aet, "127.0.0.1", str(port), *map(str, files)],
                 env={**os.environ, "TCP_NODELAY": "1"},
                 capture_output=True,
                 text=True,
@@ -221,10 +234,8 @@ def main() -> int:
     ap.add_argument("--dx", type=int, default=20)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ingest.json")
     args = ap.parse_args()
-    for tool in ("storescu", "storescp", "Orthanc"):
-        if shutil.which(tool) is None:
-            print(f"{tool} not found: `make system-deps`", file=sys.stderr)
-            return 2
+    for name in ("storescu", "storescp", "Orthanc"):
+        tool(name)
     (ROOT / "var").mkdir(exist_ok=True)
     receivers: list[Receiver] = [StoreSCP(), Orthanc(), PacsAi()]
     results: dict[str, dict[str, Any]] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +30,17 @@ PACKAGES = {
 }
 
 
+def _system_path() -> str:
+    """PATH without this virtual environment's bin/: pynetdicom installs console scripts
+    named ``storescu``/``echoscu`` there, which must not stand in for dcmtk's."""
+    venv_bin = (Path(sys.prefix) / "bin").resolve()
+    dirs = os.environ.get("PATH", os.defpath).split(os.pathsep)
+    return os.pathsep.join(d for d in dirs if d and Path(d).resolve() != venv_bin)
+
+
 def require_tool(name: str) -> str:
     """The path of executable ``name``; skip (developer machine) or fail (CI) without it."""
-    path = shutil.which(name)
+    path = shutil.which(name, path=_system_path())
     if path:
         return path
     package = PACKAGES.get(name, "?")
