@@ -17,9 +17,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "send",
         help="send DICOM files or folders to a peer with C-STORE",
-        description="Send files (folders are searched recursively) to HOST PORT. Prints one "
-        "line per file with its C-STORE status; exits 1 if any file was not stored with "
-        "status 0x0000 Success.",
+        description="Send files to HOST PORT; folders are searched recursively for DICOM "
+        "(Part 10) files, other files in them are skipped. Prints one line per file with its "
+        "C-STORE status; exits 1 if any file was not stored with status 0x0000 Success.",
     )
     p.add_argument("host")
     p.add_argument("port", type=int)
@@ -60,9 +60,11 @@ def _describe(r: SendResult) -> str:
 
 
 def _send(args: argparse.Namespace) -> int:
-    files = collect_files(args.paths)
+    files, skipped = collect_files(args.paths)
+    if skipped:
+        print(f"skipped {len(skipped)} non-DICOM files in the folders given", file=sys.stderr)
     if not files:
-        print("pacs-ai send: no files found", file=sys.stderr)
+        print("pacs-ai send: no DICOM files found", file=sys.stderr)
         return 1
     items = [Outgoing(label=str(f), path=f) for f in files]
     with tqdm(total=len(items), unit="file", disable=None, file=sys.stderr) as bar:

@@ -74,15 +74,28 @@ class Outgoing:
         return pydicom.dcmread(self.path)
 
 
-def collect_files(paths: Iterable[Path]) -> list[Path]:
-    """Files given directly, plus every regular file under given folders (sorted)."""
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file: "DICM" after the 128-byte preamble."""
+    try:
+        with path.open("rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def collect_files(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
+    """(files to send, files skipped). Files given directly are always sent (and reported
+    if unreadable); under folders, every DICOM Part 10 file is sent (sorted) and anything
+    else (READMEs, scripts) is skipped."""
     out: list[Path] = []
+    skipped: list[Path] = []
     for p in paths:
         if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*") if q.is_file()))
+            for q in sorted(q for q in p.rglob("*") if q.is_file()):
+                (out if is_dicom_file(q) else skipped).append(q)
         else:
             out.append(p)
-    return out
+    return out, skipped
 
 
 def _contexts_for(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]]]:

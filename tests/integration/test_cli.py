@@ -28,11 +28,16 @@ def test_send_echo_and_audit(
     assert main(["echo", "127.0.0.1", port, "--aet", "TEST_SCU"]) == 0
     assert "C-ECHO OK" in capsys.readouterr().out
 
-    # A folder with one non-DICOM file: 7 stored, 1 error, exit 1.
-    assert main(["send", "127.0.0.1", port, str(tmp_path / "in"), "--aet", "TEST_SCU"]) == 1
+    # A folder: its 7 DICOM files stored, the text file in it skipped.
+    assert main(["send", "127.0.0.1", port, str(tmp_path / "in"), "--aet", "TEST_SCU"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("SUCCESS  0x0000") == 7 and "7 files: 7 success" in captured.out
+    assert "skipped 1 non-DICOM" in captured.err
+    # A non-DICOM file named explicitly is an error: exit 1.
+    notes = str(tmp_path / "in" / "notes.txt")
+    assert main(["send", "127.0.0.1", port, notes, str(files[1]), "--aet", "TEST_SCU"]) == 1
     out = capsys.readouterr().out
-    assert out.count("SUCCESS  0x0000") == 7 and "not readable as DICOM" in out
-    assert "8 files: 1 error, 7 success" in out
+    assert "not readable as DICOM" in out and "2 files: 1 error, 1 success" in out
     assert main(["send", "127.0.0.1", port, str(files[0]), "--aet", "TEST_SCU", "-q"]) == 0
     assert main(["send", "127.0.0.1", port, str(files[0]), "--aet", "NOT_ALLOWED"]) == 1
     assert "association rejected (1,1,3)" in capsys.readouterr().out
