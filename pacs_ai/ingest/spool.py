@@ -214,6 +214,7 @@ class Spool:
         self.tmp_dir = root / "tmp"
         self.objects_dir = root / "objects"
         self.quarantine_dir = root / "quarantine"
+        self._resolved_root = root.resolve()
 
     def prepare(self) -> int:
         """Create the layout; remove files left half-written in ``tmp/`` (none of them was
@@ -235,7 +236,7 @@ class Spool:
     def resolve(self, relpath: str) -> Path:
         """Absolute path of a stored object; refuses anything outside the spool."""
         p = (self.root / relpath).resolve()
-        if not p.is_relative_to(self.root.resolve()):
+        if not p.is_relative_to(self._resolved_root):
             raise ValueError("path escapes the spool")
         return p
 
