@@ -397,13 +397,14 @@ class AssociationHandler:
             wait([durable])
             pending.discard()
             return exc
-        log.debug(
-            "association %d: instance %s %s (%d bytes)",
-            self.assoc_id,
-            uid_ref(header.sop_instance_uid),
-            outcome.value,
-            stored.size,
-        )
+        if log.isEnabledFor(logging.DEBUG):  # uid_ref hashes; skip it on the hot path
+            log.debug(
+                "association %d: instance %s %s (%d bytes)",
+                self.assoc_id,
+                uid_ref(header.sop_instance_uid),
+                outcome.value,
+                stored.size,
+            )
         if outcome is RecordOutcome.CONFLICT:
             log.warning(
                 "association %d: instance %s re-sent with different content; both kept",
