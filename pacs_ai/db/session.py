@@ -15,7 +15,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai.config import DatabaseSettings
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
+# Alembic scripts ship inside the package (an installed wheel has no source tree); the
+# repository's top-level `migrations` is a symbolic link to this directory.
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
