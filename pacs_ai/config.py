@@ -6,6 +6,10 @@ read as a TOML value when it parses as one (numbers, booleans, arrays), otherwis
 Relative paths in the file are resolved against the directory of the config file, so the
 embedded default works from any working directory.
 
+Which file: ``--config FILE``, else the file named by ``PACS_AI_CONFIG``, else (in a source
+checkout) the repository's ``config.toml``. ``default_config.toml`` in this package is the
+documented template that ``pacs-ai init DIR`` writes.
+
 Nothing here reads the environment at import time; :func:`load_settings` is the only entry.
 """
 
@@ -31,7 +35,12 @@ from pydantic import (
 from pacs_ai.errors import ConfigError
 
 ENV_PREFIX = "PACS_AI_"
+# The variable naming the config file when no --config is given (no "__": not a key override).
+CONFIG_ENV = "PACS_AI_CONFIG"
+# The developer config of a source checkout (absent in an installed wheel).
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
+# The documented template shipped in the package; `pacs-ai init DIR` copies it.
+PACKAGED_CONFIG = Path(__file__).resolve().parent / "default_config.toml"
 
 # PS3.5 AE title: 1-16 characters of the default repertoire, no backslash or control characters,
 # not all spaces. Leading/trailing spaces are not significant, so we refuse them to avoid
@@ -321,7 +330,10 @@ def _parse_env_value(raw: str) -> Any:
         return raw
 
 
-def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """Merge ``PACS_AI_<SECTION>__<KEY>`` variables into ``data``; returns which key path
+    each variable set, so validation errors can name the variable."""
+    applied: dict[tuple[str, ...], str] = {}
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
@@ -333,6 +345,8 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
                 raise ConfigError(f"{name}: {'.'.join(path[:-1])} is not a table")
             node = child
         node[path[-1]] = _parse_env_value(raw)
+        applied[tuple(path)] = name
+    return applied
 
 
 def _resolve_paths(settings: Settings, base: Path) -> Settings:
@@ -383,12 +397,37 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     )
 
 
-def _format_validation_error(exc: ValidationError, origin: str) -> str:
+def _format_validation_error(
+    exc: ValidationError, origin: str, from_env: Mapping[tuple[str, ...], str] | None = None
+) -> str:
     lines = [f"invalid configuration ({origin}):"]
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        lines.append(f"  {loc}: {err['msg']}")
+        loc = tuple(str(p) for p in err["loc"])
+        # The variable that set this key, a key inside it, or the table it belongs to.
+        names = sorted(
+            name
+            for path, name in (from_env or {}).items()
+            if path[: len(loc)] == loc or loc[: len(path)] == path
+        )
+        via = f" (from {', '.join(names)})" if names else ""
+        lines.append(f"  {'.'.join(loc)}: {err['msg']}{via}")
     return "\n".join(lines)
+
+
+def config_path(path: Path | str | None, env: Mapping[str, str] | None = None) -> Path:
+    """The config file to read: ``path``, else ``$PACS_AI_CONFIG``, else the source
+    checkout's ``config.toml``. Raises :class:`ConfigError` when there is none."""
+    if path is not None:
+        return Path(path)
+    named = (os.environ if env is None else env).get(CONFIG_ENV)
+    if named:
+        return Path(named)
+    if DEFAULT_CONFIG.is_file() and (DEFAULT_CONFIG.parent / "pyproject.toml").is_file():
+        return DEFAULT_CONFIG
+    raise ConfigError(
+        f"no configuration: pass --config FILE or set {CONFIG_ENV} "
+        "(`pacs-ai init DIR` writes DIR/config.toml)"
+    )
 
 
 def load_settings(
@@ -396,29 +435,39 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Read settings from ``path`` (default: the embedded ``config.toml``).
+    """Read settings from ``path`` (default: :func:`config_path`).
 
     ``env`` defaults to ``os.environ``; ``overrides`` is a nested dict merged last (tests).
-    Raises :class:`ConfigError` with one line per problem.
+    Raises :class:`ConfigError` with one line per problem; a problem with a value from an
+    environment variable names the variable.
     """
-    cfg_path = Path(path) if path is not None else DEFAULT_CONFIG
+    env = os.environ if env is None else env
+    cfg_path = config_path(path, env)
     try:
         data: dict[str, Any] = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise ConfigError(f"config file not found: {cfg_path}") from exc
+        via = f" (from {CONFIG_ENV})" if path is None and env.get(CONFIG_ENV) else ""
+        raise ConfigError(f"config file not found: {cfg_path}{via}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{cfg_path}: not valid TOML: {exc}") from exc
-    _apply_env(data, os.environ if env is None else env)
+    from_env = _apply_env(data, env)
     if overrides:
         _deep_merge(data, overrides)
-    return settings_from_dict(data, base=cfg_path.resolve().parent, origin=str(cfg_path))
+    return settings_from_dict(
+        data, base=cfg_path.resolve().parent, origin=str(cfg_path.resolve()), from_env=from_env
+    )
 
 
-def settings_from_dict(data: Mapping[str, Any], base: Path, origin: str = "<dict>") -> Settings:
+def settings_from_dict(
+    data: Mapping[str, Any],
+    base: Path,
+    origin: str = "<dict>",
+    from_env: Mapping[tuple[str, ...], str] | None = None,
+) -> Settings:
     try:
         settings = Settings.model_validate({**data, "source": Path(origin)})
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, origin)) from exc
+        raise ConfigError(_format_validation_error(exc, origin, from_env)) from exc
     return _resolve_paths(settings, base)
 
 

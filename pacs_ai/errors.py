@@ -16,6 +16,17 @@ class ConfigError(PacsAiError):
     """The configuration file or an override is invalid."""
 
 
+class StartupError(PacsAiError):
+    """``serve``/``worker`` cannot start as configured (a model does not load, the port is
+    taken, the schema is out of date, the spool is not writable, ...). The message is the one
+    line the admin sees; the process exits with status 3."""
+
+
+class AdminError(PacsAiError):
+    """An admin command cannot do what was asked (a file exists and --force was not given,
+    a database kind it does not handle, ...)."""
+
+
 # --- association level --------------------------------------------------------------------
 
 

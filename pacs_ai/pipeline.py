@@ -97,7 +97,7 @@ class ModelProvider:
                     precision=inf.precision,
                 )
                 card = self._models[key].card
-                log.info(
+                log.debug(  # `serve` logs each model in its start-up summary
                     "model %s loaded: %s %s on %s",
                     key,
                     card.name,

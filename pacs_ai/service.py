@@ -7,17 +7,22 @@ import datetime as dt
 import logging
 import signal
 import threading
+from typing import TYPE_CHECKING
 
+from pacs_ai import startup
 from pacs_ai.assembly import Assembler
 from pacs_ai.config import Settings
 from pacs_ai.db.session import current_revision, head_revision, make_engine
 from pacs_ai.delivery.outbox import Outbox
-from pacs_ai.errors import ConfigError
+from pacs_ai.errors import StartupError
 from pacs_ai.ingest.recovery import recover
 from pacs_ai.ingest.server import DicomServer
 from pacs_ai.ingest.spool import Spool
 from pacs_ai.pipeline import ModelProvider, Pipeline
 from pacs_ai.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from pacs_ai.inference.runner import LoadedModel  # imports torch: only when models load
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +42,13 @@ class Service:
         self.scheduler = Scheduler()
         self.outbox = Outbox(self.engine, settings)
         self.pipeline: Pipeline | None = None
+        self.models = ModelProvider(settings)
         if settings.pipeline.enabled or not listener:
             self.pipeline = Pipeline(
                 self.engine,
                 settings,
                 self.outbox,
-                ModelProvider(settings),
+                self.models,
                 on_reported=self._deliver_now,
             )
         self.assembler: Assembler | None = None
@@ -67,16 +73,39 @@ class Service:
         if self.settings.destinations:
             self.scheduler.once(DELIVERY_JOB, 0.0, self.outbox.run_due)
 
-    def check_schema(self) -> None:
-        cur, head = current_revision(self.engine), head_revision()
-        if cur != head:
-            raise ConfigError(
-                f"database schema is at {cur or 'nothing'}, this version needs {head}: "
-                "run `pacs-ai db upgrade` first"
-            )
+    def check_schema(self) -> str | None:
+        cur = current_revision(self.engine)
+        problem = startup.schema_problem(self.settings, cur, head_revision())
+        if problem:
+            raise StartupError(problem)
+        return cur
+
+    def _load_models(self) -> dict[str, LoadedModel]:
+        """Every model the routing rules use, loaded now: one that cannot load refuses the
+        start instead of failing every study later."""
+        loaded: dict[str, LoadedModel] = {}
+        for key in startup.model_keys(self.settings):
+            try:
+                loaded[key] = self.models.get(key)
+            except Exception as exc:  # a model's load fails in many ways (torch, files, card)
+                raise StartupError(startup.model_problem(self.settings, key, exc)) from exc
+        return loaded
 
     def start(self) -> None:
-        self.check_schema()
+        """Check, then start. Raises :class:`StartupError` (schema out of date, port taken,
+        a model that does not load) before anything runs; logs the summary when running."""
+        revision = self.check_schema()
+        if self.server is not None:
+            try:
+                self.server.bind()
+            except OSError as exc:
+                raise StartupError(startup.listen_problem(self.settings.dicom, exc)) from exc
+        try:
+            models = self._load_models() if self.pipeline is not None else {}
+        except StartupError:
+            if self.server is not None:
+                self.server.close()
+            raise
         if self.server is not None:
             recover(self.spool, self.engine)
         if self.assembler is not None:
@@ -106,6 +135,10 @@ class Service:
         self.scheduler.start()
         if self.server is not None:
             self.server.start()
+        for line in startup.summary_lines(
+            self.settings, models, self.engine, self.server is not None, revision
+        ):
+            log.info("%s", line)
 
     def stop(self) -> None:
         log.info("shutting down")

@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from pacs_ai import __version__
-from pacs_ai.errors import ConfigError, PacsAiError
+from pacs_ai.errors import ConfigError, PacsAiError, StartupError
 
 # Sub-modules registering commands, in the order --help lists them.
-_COMMAND_MODULES = ("serve", "net", "db", "audit", "deliveries", "models")
+_COMMAND_MODULES = ("init", "serve", "net", "db", "audit", "deliveries", "models")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pacs-ai: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"pacs-ai: cannot start: {exc}", file=sys.stderr)
+        return 3
     except PacsAiError as exc:
         print(f"pacs-ai: error: {exc}", file=sys.stderr)
         return 1
@@ -58,6 +61,6 @@ def add_config_arg(p: argparse.ArgumentParser) -> None:
         "-c",
         metavar="FILE",
         default=None,
-        help="config.toml to use (default: the embedded config.toml; "
-        "PACS_AI_<SECTION>__<KEY> variables override single keys)",
+        help="config.toml to use (default: $PACS_AI_CONFIG, else a source checkout's "
+        "config.toml; PACS_AI_<SECTION>__<KEY> variables override single keys)",
     )

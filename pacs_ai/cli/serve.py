@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "serve",
         help="run the DICOM listener, assembly and pipeline until SIGTERM/SIGINT",
         description="Run the gateway on the given config until SIGTERM or SIGINT. "
-        "The database must be at the latest schema (`pacs-ai db upgrade`).",
+        "The database must be at the latest schema (`pacs-ai db upgrade`). Refuses to start "
+        "(one line on stderr, exit 3) when the schema is out of date, the port is taken, a "
+        "model cannot be loaded or the spool is not writable; then logs a summary.",
     )
     add_config_arg(p)
     p.set_defaults(handler=_serve)
@@ -29,9 +31,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _serve(args: argparse.Namespace, listener: bool = True) -> int:
     from pacs_ai.service import Service
+    from pacs_ai.startup import preflight
 
     settings = load_settings(args.config)
     configure_logging(settings.logging)
+    # Before the service is built: a refused start creates nothing (no empty database).
+    preflight(settings, listener=listener)
     Service(settings, listener=listener).run_forever()
     return 0
 

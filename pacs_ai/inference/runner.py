@@ -171,6 +171,15 @@ class LoadedModel:
     def module(self) -> Classifier:
         return self._model
 
+    @property
+    def precision(self) -> str:
+        """The arithmetic actually used: "fp32", or the autocast type ("bf16", "fp16")."""
+        if self._autocast == torch.bfloat16:
+            return "bf16"
+        if self._autocast == torch.float16:
+            return "fp16"
+        return "fp32"
+
     def warm_up(self) -> None:
         s, c = self.card.input.size, self.card.input.channels
         self.predict(np.zeros((1, c, s, s), dtype=np.float32))
@@ -360,5 +369,5 @@ def load_model(
     loaded = LoadedModel(card, model, select_device(device), batch_size, precision)
     if warmup:
         loaded.warm_up()
-    log.info("model %s %s loaded on %s", card.name, card.version, loaded.device)
+    log.debug("model %s %s loaded on %s", card.name, card.version, loaded.device)
     return loaded

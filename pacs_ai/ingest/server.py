@@ -73,15 +73,32 @@ class DicomServer:
         assert self._listener is not None
         return int(self._listener.getsockname()[1])
 
-    def start(self) -> None:
+    def bind(self) -> None:
+        """Open the listening socket; connections wait in its backlog until :meth:`start`.
+        Raises ``OSError`` (port taken, no permission for a port below 1024, ...)."""
         d = self.settings.dicom
         family = socket.AF_INET6 if ":" in d.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((d.host, d.port))
-        sock.listen(64)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((d.host, d.port))
+            sock.listen(64)
+        except OSError:
+            sock.close()
+            raise
         sock.settimeout(0.5)
         self._listener = sock
+
+    def close(self) -> None:
+        """Close the socket of a server that was bound but never started."""
+        if self._listener is not None and self._accept_thread is None:
+            self._listener.close()
+            self._listener = None
+
+    def start(self) -> None:
+        d = self.settings.dicom
+        if self._listener is None:
+            self.bind()
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name="dicom-accept", daemon=True
         )

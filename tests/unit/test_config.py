@@ -1,10 +1,21 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from pacs_ai.config import DEFAULT_CONFIG, load_settings
+from pacs_ai import config
+from pacs_ai.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    PACKAGED_CONFIG,
+    DestinationSettings,
+    RoutingRule,
+    Settings,
+    load_settings,
+)
 from pacs_ai.errors import ConfigError
 
 
@@ -76,3 +87,102 @@ def test_allowlist_binds_ae_to_network(tmp_path: Path) -> None:
     assert access.is_allowed("DX1", "10.9.9.9") and not access.is_allowed("DX1", "10.9.9.8")
     assert not access.is_allowed("OTHER", "10.9.9.9")
     assert not access.is_allowed("CT1", "garbage")
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"PACS_AI_DICOM__PORT": "abc"},
+            "  dicom.port: Input should be a valid integer, unable to parse string as an "
+            "integer (from PACS_AI_DICOM__PORT)",
+        ),
+        (
+            {"PACS_AI_DICOM__NO_SUCH_KEY": "1"},
+            "  dicom.no_such_key: Extra inputs are not permitted (from PACS_AI_DICOM__NO_SUCH_KEY)",
+        ),
+        (
+            {"PACS_AI_TLS__ENABLED": "true"},
+            "  tls: Value error, tls.enabled needs tls.cert_file and tls.key_file "
+            "(from PACS_AI_TLS__ENABLED)",
+        ),
+    ],
+)
+def test_errors_from_environment_variables_name_the_variable(
+    env: dict[str, str], line: str
+) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings(env=env)
+    assert str(exc.value).splitlines()[1:] == [line]
+
+
+def test_config_file_from_environment_and_none_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tmp_path / "site.toml"
+    cfg.write_text("[dicom]\nport = 4242\n")
+    assert load_settings(env={CONFIG_ENV: str(cfg)}).dicom.port == 4242
+    with pytest.raises(ConfigError) as exc:
+        load_settings(env={CONFIG_ENV: str(tmp_path / "missing.toml")})
+    assert str(exc.value) == f"config file not found: {tmp_path / 'missing.toml'} (from {CONFIG_ENV})"
+    # An installed wheel has no checkout config.toml beside the package.
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", tmp_path / "no-checkout" / "config.toml")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(env={})
+    assert str(exc.value) == (
+        "no configuration: pass --config FILE or set PACS_AI_CONFIG "
+        "(`pacs-ai init DIR` writes DIR/config.toml)"
+    )
+
+
+def _section_text(text: str, header: str) -> str:
+    """The lines of one table of the template, up to the next table header."""
+    start = text.index(header + "\n")
+    rest = text[start + len(header) + 1 :]
+    nxt = re.search(r"^(# )?\[", rest, re.MULTILINE)
+    return rest[: nxt.start()] if nxt else rest
+
+
+def test_packaged_config_documents_every_key() -> None:
+    text = PACKAGED_CONFIG.read_text()
+    tables: dict[str, tuple[str, type[BaseModel]]] = {
+        "routing": ("[[routing]]", RoutingRule),
+        "destinations": ("# [[destinations]]", DestinationSettings),
+    }
+    missing = []
+    for name, field in Settings.model_fields.items():
+        if name == "source":
+            continue
+        header, model = tables.get(name, (f"[{name}]", field.annotation))
+        assert isinstance(model, type) and issubclass(model, BaseModel), name
+        body = _section_text(text, header)
+        for key in model.model_fields:
+            # Every key with its value, or commented out where it has no default value.
+            if not re.search(rf"^(# )?{key} = ", body, re.MULTILINE):
+                missing.append(f"{name}.{key}")
+            elif not re.search(rf"^#.*\n(# )?{key} = |^(# )?{key} = .*#", body, re.MULTILINE):
+                missing.append(f"{name}.{key} (no comment)")
+    assert missing == []
+
+
+def _without_data_paths(s: Settings) -> dict[str, object]:
+    data = s.model_dump(mode="json", exclude={"source"})
+    del data["storage"]["path"], data["reports"]["path"], data["database"]["url"]
+    return data
+
+
+def test_packaged_config_is_the_code_defaults_and_the_checkout_config() -> None:
+    packaged = load_settings(PACKAGED_CONFIG, env={})
+    base = PACKAGED_CONFIG.parent
+    assert packaged.storage.path == base / "spool"
+    assert packaged.reports.path == base / "reports"
+    assert packaged.database.url == f"sqlite:///{base / 'db' / 'pacs-ai.db'}"
+    # The checkout's config.toml sets only data paths (and the loopback allowlist the
+    # template has too): everything else comes from the code defaults.
+    assert _without_data_paths(load_settings(DEFAULT_CONFIG, env={})) == _without_data_paths(
+        packaged
+    )
+    defaults = _without_data_paths(Settings())
+    assert defaults["access"]["allowed"] == []  # type: ignore[index]
+    defaults["access"]["allowed"] = _without_data_paths(packaged)["access"]["allowed"]  # type: ignore[index]
+    assert defaults == _without_data_paths(packaged)
