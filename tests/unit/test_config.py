@@ -124,7 +124,9 @@ def test_config_file_from_environment_and_none_found(
     assert load_settings(env={CONFIG_ENV: str(cfg)}).dicom.port == 4242
     with pytest.raises(ConfigError) as exc:
         load_settings(env={CONFIG_ENV: str(tmp_path / "missing.toml")})
-    assert str(exc.value) == f"config file not found: {tmp_path / 'missing.toml'} (from {CONFIG_ENV})"
+    assert (
+        str(exc.value) == f"config file not found: {tmp_path / 'missing.toml'} (from {CONFIG_ENV})"
+    )
     # An installed wheel has no checkout config.toml beside the package.
     monkeypatch.setattr(config, "DEFAULT_CONFIG", tmp_path / "no-checkout" / "config.toml")
     with pytest.raises(ConfigError) as exc:

@@ -82,7 +82,8 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
     # The check is real: a misspelt key is reported.
     run = systemd_analyze_verify(real.replace("ProtectHome=", "ProtectHom="), tmp_path)
+    line = real.splitlines().index("ProtectHome=yes") + 1
     assert run.stderr == (
-        f"{tmp_path / 'pacs-ai.service'}:43: Unknown key 'ProtectHom' in section [Service], "
-        "ignoring.\n"
+        f"{tmp_path / 'pacs-ai.service'}:{line}: Unknown key 'ProtectHom' in section "
+        "[Service], ignoring.\n"
     )
