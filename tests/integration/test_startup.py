@@ -36,7 +36,8 @@ def _run(command: str, settings: Settings, cfg: Path) -> subprocess.CompletedPro
 
 
 def _refused(run: subprocess.CompletedProcess[str], message: str) -> None:
-    assert (run.returncode, run.stdout, run.stderr) == (3, "", f"pacs-ai: cannot start: {message}\n")
+    expected = (3, "", f"pacs-ai: cannot start: {message}\n")
+    assert (run.returncode, run.stdout, run.stderr) == expected
 
 
 def _settings(tmp_path: Path, db_url: str, **sections: Any) -> Settings:
@@ -46,9 +47,7 @@ def _settings(tmp_path: Path, db_url: str, **sections: Any) -> Settings:
 
 
 @pytest.mark.parametrize("command", ["serve", "worker"])
-def test_out_of_date_schema_refused_and_no_database_created(
-    tmp_path: Path, command: str
-) -> None:
+def test_out_of_date_schema_refused_and_no_database_created(tmp_path: Path, command: str) -> None:
     db = tmp_path / "db" / "pacs-ai.db"
     settings = _settings(tmp_path, f"sqlite:///{db}")
     cfg = tmp_path / "site.toml"
@@ -148,10 +147,8 @@ def test_started_service_logs_one_summary(
         "pacs-ai 0.1.0 started with config <dict>",
         f"dicom: AE PACS_AI on 127.0.0.1:{settings.dicom.port}, TLS off; "
         "3 peer(s) allowed, others rejected",
-        "model cxr: pacs-ai-cxr-demo 1.0 (DEMO, not for clinical use), device cpu, "
-        "precision fp32",
-        "model ct: pacs-ai-ct-demo 1.0 (DEMO, not for clinical use), device cpu, "
-        "precision fp32",
+        "model cxr: pacs-ai-cxr-demo 1.0 (DEMO, not for clinical use), device cpu, precision fp32",
+        "model ct: pacs-ai-ct-demo 1.0 (DEMO, not for clinical use), device cpu, precision fp32",
         "destination pacs: ORTHANC at 127.0.0.1:4242, objects sr, TLS off",
         "destination modality: the sender's AE and address, port 104, "
         "objects summary, text_sr, TLS off",
