@@ -9,16 +9,27 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG ?= config.toml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint typecheck pytest system-deps services samples clean
+.PHONY: run test lint typecheck pytest system-deps services samples wheel clean
 
+# Each step says what it does; pip prints a line per package (no silent minute).
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	@test -x $(BIN)/python || { echo "==> creating $(VENV)"; $(PY) -m venv $(VENV); }
+	@echo "==> upgrading pip in $(VENV)"
+	$(BIN)/python -m pip install --upgrade pip
+	@echo "==> installing pacs-ai (editable) and its pinned dependencies; torch is large"
+	$(BIN)/python -m pip install --progress-bar on -e ".[test]"
 	@touch $(STAMP)
+	@echo "==> $(VENV) ready"
+
+# The wheel an installation uses (docs/install.md): dist/pacs_ai-<version>-py3-none-any.whl.
+wheel: $(STAMP)
+	@echo "==> building the wheel into dist/"
+	$(BIN)/python -m pip wheel --no-deps --no-build-isolation -w dist .
 
 run: $(STAMP)
+	@echo "==> upgrading the database ($(CONFIG))"
 	$(BIN)/pacs-ai db upgrade --config $(CONFIG)
+	@echo "==> serving ($(CONFIG)); stop with Ctrl-C"
 	$(BIN)/pacs-ai serve --config $(CONFIG)
 
 system-deps:
@@ -44,7 +55,7 @@ services: system-deps
 	       "(SQLAlchemy URL, e.g. postgresql+psycopg://user:pass@127.0.0.1/db) or allow that login"
 
 lint: $(STAMP)
-	$(BIN)/ruff check pacs_ai tests benchmarks dicom_samples migrations/env.py
+	$(BIN)/ruff check pacs_ai tests benchmarks dicom_samples
 	$(BIN)/ruff format --check pacs_ai tests benchmarks dicom_samples
 
 typecheck: $(STAMP)
@@ -59,4 +70,4 @@ samples: $(STAMP)
 	$(BIN)/python dicom_samples/make_samples.py
 
 clean:
-	rm -rf var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf var dist build .pytest_cache .mypy_cache .ruff_cache
