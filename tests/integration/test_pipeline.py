@@ -21,6 +21,7 @@ from pacs_ai.db.models import (
     Study,
     StudyState,
 )
+from pacs_ai.errors import ModelError
 from pacs_ai.service import Service
 from pacs_ai.training import dicomwriter as dw
 from tests.conftest import wait_for, write_all
@@ -36,15 +37,18 @@ def _state(svc: Service, uid: str) -> StudyState | None:
 
 
 def test_model_error_is_retried_then_dead_lettered(
-    start_service: ServiceFactory, tmp_path: Path
+    start_service: ServiceFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    broken = tmp_path / "broken-model"
-    broken.mkdir()
-    (broken / "card.json").write_text("{not json")
+    # A model that does not load refuses the start (test_startup.py); one that fails while
+    # scoring (an error, out of memory) fails the job.
     svc = start_service(
-        pipeline={"enabled": True, "poll_seconds": 0.2, "retry_seconds": [0.3, 0.3]},
-        inference={"cxr_model": str(broken)},
+        pipeline={"enabled": True, "poll_seconds": 0.2, "retry_seconds": [0.3, 0.3]}
     )
+
+    def failing(*_args: object, **_kwargs: object) -> None:
+        raise ModelError("scoring failed")
+
+    monkeypatch.setattr(svc.models.get("cxr"), "score_series", failing)
     dx = chest_dx("normal", seed=11)
     storescu(svc, write_all([dx], tmp_path / "dx"))
     wait_for(lambda: _state(svc, dx.StudyInstanceUID) == StudyState.FAILED, timeout=30)
