@@ -17,8 +17,10 @@ from sqlalchemy.engine import make_url
 
 from pacs_ai.config import Settings
 from pacs_ai.db.session import head_revision
+from pacs_ai.errors import StartupError
 from pacs_ai.service import Service
-from tests.conftest import make_settings, prepared_database
+from pacs_ai.startup import check_tls, preflight
+from tests.conftest import free_port, make_settings, prepared_database
 from tests.integration.process import write_config
 
 
@@ -157,3 +159,25 @@ def test_started_service_logs_one_summary(
         "retention: not configured (nothing is deleted)",
     ]
     assert not any("s3cret-pw" in line for line in lines)
+
+
+def test_unreachable_database_and_unreadable_tls_are_one_line(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    settings = _settings(tmp_path, f"postgresql+psycopg://pacs:s3cret-pw@127.0.0.1:{port}/pacs")
+    with pytest.raises(StartupError) as exc:
+        preflight(settings, listener=True)
+    assert str(exc.value) == (
+        f"database postgresql+psycopg://pacs:***@127.0.0.1:{port}/pacs cannot be opened "
+        "(OperationalError); check database.url in <dict>"
+    )
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    settings = _settings(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'x.db'}",
+        tls={"enabled": True, "cert_file": str(cert), "key_file": str(key)},
+    )
+    with pytest.raises(StartupError) as exc:
+        check_tls(settings)
+    assert str(exc.value) == (
+        f"tls.cert_file {cert} / tls.key_file {key} cannot be loaded: No such file or directory"
+    )
