@@ -139,6 +139,7 @@ class Service:
             self.settings, models, self.engine, self.server is not None, revision
         ):
             log.info("%s", line)
+        startup.notify_systemd("READY=1")
 
     def stop(self) -> None:
         log.info("shutting down")

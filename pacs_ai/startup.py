@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
 import ssl
 import tempfile
 from collections.abc import Mapping
@@ -228,3 +229,21 @@ def summary_lines(
     )
     lines.append(_retention_line(settings))
     return lines
+
+
+def notify_systemd(state: str = "READY=1") -> bool:
+    """Tell systemd (``Type=notify``) that start-up finished: ``systemctl start`` then returns
+    only once the checks passed and the summary is logged, and fails when the start is
+    refused. A no-op (False) outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode("ascii"))
+    except OSError:
+        return False
+    return True

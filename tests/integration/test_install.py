@@ -10,9 +10,11 @@ nothing is downloaded) and installs pacs-ai itself from the wheel.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -135,21 +137,33 @@ def test_wheel_installs_into_a_clean_venv_and_serves(tmp_path: Path) -> None:
 
     port = free_port()
     log = tmp_path / "serve.log"
+    # As under systemd (Type=notify): READY=1 arrives once the checks passed.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(f"\0pacs-ai-test-{os.getpid()}-{port}")
+    notify.settimeout(0.5)
     with log.open("wb") as out:
         serve = subprocess.Popen(
             [str(pacs_ai), "serve", "--config", str(config)],
             cwd=home,
-            env=_clean_env(PACS_AI_DICOM__PORT=str(port), PYTHONUNBUFFERED="1"),
+            env=_clean_env(
+                PACS_AI_DICOM__PORT=str(port),
+                PYTHONUNBUFFERED="1",
+                NOTIFY_SOCKET=f"@pacs-ai-test-{os.getpid()}-{port}",
+            ),
             stdout=out,
             stderr=subprocess.STDOUT,
         )
     try:
         deadline = time.monotonic() + 240
-        while "retention:" not in log.read_text():  # the summary's last line
+        ready = b""
+        while not ready:
             assert serve.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+            with contextlib.suppress(TimeoutError):
+                ready = notify.recv(64)
+        assert ready == b"READY=1"
         text = log.read_text()
+        assert text.splitlines()[-1].endswith("retention: not configured (nothing is deleted)")
         assert f"pacs-ai {__version__} started with config {config}" in text
         assert f"dicom: AE PACS_AI on 127.0.0.1:{port}, TLS off" in text
         assert "model cxr: pacs-ai-cxr-demo 1.0 (DEMO, not for clinical use)" in text
@@ -163,6 +177,7 @@ def test_wheel_installs_into_a_clean_venv_and_serves(tmp_path: Path) -> None:
         echo = _run(pacs_ai, "echo", "127.0.0.1", port, cwd=home)
         assert echo.returncode == 0, echo.stdout + echo.stderr
     finally:
+        notify.close()
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0
 

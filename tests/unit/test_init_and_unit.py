@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pacs_ai import __version__
 from pacs_ai.cli import main
 from pacs_ai.cli.init import SYSTEMD_UNIT
 from pacs_ai.config import PACKAGED_CONFIG, load_settings
+from pacs_ai.startup import notify_systemd
 from tests.tools import require_tool
 
 
@@ -87,3 +89,15 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
         f"{tmp_path / 'pacs-ai.service'}:{line}: Unknown key 'ProtectHom' in section "
         "[Service], ignoring.\n"
     )
+
+
+def test_systemd_ready_notification(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert notify_systemd() is False  # not under systemd: nothing to do
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(tmp_path / "notify"))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+        assert notify_systemd() is True
+        assert sock.recv(64) == b"READY=1"
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
+    assert notify_systemd() is False  # a vanished socket is not an error
