@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 log = logging.getLogger(__name__)
@@ -156,18 +156,26 @@ def _associate(
     ae.network_timeout = peer.network_timeout
     for sop, syntaxes in contexts:
         ae.add_requested_context(sop, syntaxes)
+    handlers: list[evt.EventHandlerType] = [(evt.EVT_CONN_OPEN, _mark_connected)]
     if peer.tls is None:
-        return ae.associate(peer.host, peer.port, ae_title=peer.called_ae), None
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, evt_handlers=handlers)
+        return assoc, None
     failures: list[ssl.SSLError] = []
     recording = type("_Recording", (_RecordingSSLSocket,), {"failures": failures})
     previous = peer.tls.sslsocket_class
     peer.tls.sslsocket_class = recording
     try:
         tls_args = (peer.tls, peer.tls_hostname or peer.host)
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, tls_args=tls_args)
+        assoc = ae.associate(
+            peer.host, peer.port, ae_title=peer.called_ae, tls_args=tls_args, evt_handlers=handlers
+        )
     finally:
         peer.tls.sslsocket_class = previous
     return assoc, (failures[0] if failures else None)
+
+
+def _mark_connected(event: evt.Event) -> None:
+    event.assoc.pacs_ai_connected = True  # type: ignore[attr-defined]
 
 
 def tls_failure(exc: ssl.SSLError) -> tuple[str, bool]:
@@ -189,15 +197,17 @@ def _why_not_established(assoc: Association) -> tuple[str, bool]:
             where = f"({rsp.result},{rsp.result_source},{rsp.diagnostic})"
             if rsp.result == 0x01:
                 return (
-                    f"association rejected permanently by the peer {where}: "
+                    f"association rejected {where}, permanent: "
                     f"{rsp.reason_str}{_reject_hint(rsp.result_source, rsp.diagnostic)}",
                     True,
                 )
             return f"association rejected {where}: {rsp.reason_str}", False
         return "association rejected", False
+    if not getattr(assoc, "pacs_ai_connected", False):
+        return "could not connect (nothing answers at that address and port)", False
     if assoc.is_aborted:
         return "association aborted by the peer", False
-    return "could not connect or associate", False
+    return "could not associate (no answer in time)", False
 
 
 def _reject_hint(source: Any, diagnostic: Any) -> str:
@@ -234,7 +244,12 @@ def send(
                 why, permanent = _why_not_established(assoc)
             for item, ds in batch:
                 uid = str(ds.get("SOPInstanceUID", ""))
-                res = SendResult(item.label, uid, None, why, permanent)
+                # Every context rejected: pynetdicom aborts, but the answer was clear.
+                refused = _refused_context(assoc, ds) if assoc.rejected_contexts else None
+                if refused is not None:
+                    res = SendResult(item.label, uid, None, refused, permanent=True)
+                else:
+                    res = SendResult(item.label, uid, None, why, permanent)
                 results[index_of[id(item)]] = res
                 if progress:
                     progress(res)
