@@ -66,11 +66,10 @@ def _retry(args: argparse.Namespace) -> int:
         before: dict[int, DeliveryState] = {}
         if args.ids:
             with engine.connect() as conn:
-                before = dict(
-                    conn.execute(
-                        select(Delivery.id, Delivery.state).where(Delivery.id.in_(args.ids))
-                    ).tuples()
+                rows = conn.execute(
+                    select(Delivery.id, Delivery.state).where(Delivery.id.in_(args.ids))
                 )
+                before = {row.id: row.state for row in rows}
         n = Outbox(engine, settings).requeue(None if args.all_dead else args.ids, admin_actor())
     finally:
         engine.dispose()
