@@ -252,6 +252,10 @@ class Outbox:
     def _send_batch(self, name: str, ae: str, host: str, port: int, rows: Sequence[_Due]) -> None:
         items = [Outgoing(label=str(r.id), path=self.reports_root / r.path) for r in rows]
         dest = self._destinations.get(name)
+        if dest is None and not ae:  # a DICOMweb destination removed from the config
+            why = f"destination {name} is no longer configured"
+            self._record(rows, [SendResult(i.label, None, None, why, True) for i in items])
+            return
         try:
             if dest is not None and dest.kind == "dicomweb":
                 results = stow(dest, items)

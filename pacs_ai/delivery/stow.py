@@ -174,6 +174,8 @@ def _post(
         if isinstance(cause, ssl.SSLError):
             return every(*tls_failure(cause))
         return every(f"STOW-RS: cannot connect ({exc.__class__.__name__})", False)
+    except httpx.HTTPError as exc:
+        return every(f"STOW-RS: {exc.__class__.__name__}", False)
     answer = _parse(rsp)
     per_instance = _per_instance(answer) if answer is not None else {}
     code = rsp.status_code
