@@ -38,6 +38,8 @@ _SOP_INSTANCE = "00081155"
 _FAILURE_REASON = "00081197"
 _WARNING_REASON = "00081196"
 _TRANSIENT_HTTP = frozenset({408, 425, 429})
+# Objects are read into memory for the multipart body; a batch is split beyond this.
+_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 _HTTP_HINTS = {
     401: "check the destination's credentials",
     403: "the account may not store",
@@ -116,28 +118,33 @@ def stow(
     items: Sequence[Outgoing],
     env: Mapping[str, str] | None = None,
 ) -> list[SendResult]:
-    """POST ``items`` in one STOW-RS request; one result per item, in order."""
+    """POST ``items`` (one request per ~64 MiB); one result per item, in order."""
     assert dest.url is not None
-    payloads: list[bytes] = []
-    uids: list[str] = []
+    environ = os.environ if env is None else env
     results: dict[int, SendResult] = {}
-    sendable: list[int] = []
+    pending: list[tuple[int, str, bytes]] = []  # index, SOP Instance UID, file bytes
+
+    def flush() -> None:
+        if not pending:
+            return
+        outcomes = _post(dest, [p[2] for p in pending], [p[1] for p in pending], environ)
+        for (idx, uid, _), (status, error, permanent) in zip(pending, outcomes, strict=True):
+            results[idx] = SendResult(items[idx].label, uid, status, error, permanent)
+        pending.clear()
+
     for idx, item in enumerate(items):
         try:
             assert item.path is not None
-            data = item.path.read_bytes()
             uid = str(pydicom.dcmread(item.path, stop_before_pixels=True).SOPInstanceUID)
+            data = item.path.read_bytes()
         except Exception as exc:  # a report file we cannot read: nothing to retry
             why = f"not readable as DICOM: {exc.__class__.__name__}"
             results[idx] = SendResult(item.label, None, None, why, permanent=True)
             continue
-        payloads.append(data)
-        uids.append(uid)
-        sendable.append(idx)
-    if sendable:
-        outcomes = _post(dest, payloads, uids, os.environ if env is None else env)
-        for idx, uid, (status, error, permanent) in zip(sendable, uids, outcomes, strict=True):
-            results[idx] = SendResult(items[idx].label, uid, status, error, permanent)
+        if pending and sum(len(p[2]) for p in pending) + len(data) > _MAX_REQUEST_BYTES:
+            flush()
+        pending.append((idx, uid, data))
+    flush()
     return [results[i] for i in range(len(items))]
 
 

@@ -24,7 +24,14 @@ from pacs_ai.config import Settings
 from pacs_ai.db.models import AuditEvent, Delivery, DeliveryState, Report, Study, StudyState
 from pacs_ai.db.session import make_engine
 from pacs_ai.delivery.outbox import Outbox
-from pacs_ai.reporting import AlgorithmInfo, FindingResult, ReportRequest, build_sr, output
+from pacs_ai.reporting import (
+    AlgorithmInfo,
+    FindingResult,
+    ReportRequest,
+    build_sr,
+    build_text_sr,
+    write_object,
+)
 from pacs_ai.reporting import codes as rcodes
 from tests.conftest import dx_dataset, free_port, make_settings, prepared_database, wait_for
 from tests.integration.orthanc import Orthanc
@@ -35,7 +42,7 @@ FINDINGS = (FindingResult("covid", rcodes.COVID19, probability=0.8, threshold=0.
 
 
 class Seeded:
-    """A study with one SR report queued for the configured destinations."""
+    """A study with one SR report (and a Basic Text SR) queued for the destinations."""
 
     def __init__(self, settings: Settings) -> None:
         prepared_database(settings)
@@ -43,30 +50,34 @@ class Seeded:
         self.engine: Engine = make_engine(settings.database)
         self.outbox = Outbox(self.engine, settings)
         self.source = dx_dataset(seed=7)
-        self.sr = build_sr(ReportRequest([self.source], FINDINGS, ALGO))
+        request = ReportRequest([self.source], FINDINGS, ALGO)
+        self.sr = build_sr(request)
+        self.text_sr = build_text_sr(request)
         folder = settings.reports.path / "study-1"
-        path = output.write_outputs(settings, folder, "sr", 0, self.sr)
-        assert path is not None
         with self.engine.begin() as conn:
             self.study_id = conn.execute(
                 insert(Study)
                 .values(study_uid=self.source.StudyInstanceUID, state=StudyState.REPORTED)
                 .returning(Study.id)
             ).scalar_one()
-            report_id = conn.execute(
-                insert(Report)
-                .values(
-                    study_id=self.study_id,
-                    study_revision=0,
-                    kind="sr",
-                    sop_instance_uid=self.sr.SOPInstanceUID,
-                    series_instance_uid=self.sr.SeriesInstanceUID,
-                    sop_class_uid=self.sr.SOPClassUID,
-                    path=str(path.relative_to(settings.reports.path)),
-                )
-                .returning(Report.id)
-            ).scalar_one()
-            self.outbox.enqueue(conn, self.study_id, [(report_id, "sr")])
+            reports = []
+            for kind, ds in (("sr", self.sr), ("text_sr", self.text_sr)):
+                path = write_object(ds, folder)
+                report_id = conn.execute(
+                    insert(Report)
+                    .values(
+                        study_id=self.study_id,
+                        study_revision=0,
+                        kind=kind,
+                        sop_instance_uid=ds.SOPInstanceUID,
+                        series_instance_uid=ds.SeriesInstanceUID,
+                        sop_class_uid=ds.SOPClassUID,
+                        path=str(path.relative_to(settings.reports.path)),
+                    )
+                    .returning(Report.id)
+                ).scalar_one()
+                reports.append((report_id, kind))
+            self.outbox.enqueue(conn, self.study_id, reports)
 
     def delivery(self) -> Any:
         with self.engine.connect() as conn:
@@ -266,18 +277,19 @@ def test_stow_to_orthanc_without_credentials(seeded: Any, tmp_path: Path) -> Non
     pacs = Orthanc(tmp_path / "orthanc", {}, dicomweb=True)
     pacs.start()
     try:
-        s = seeded(_stow_dest(pacs.dicomweb_url))
-        assert s.outbox.run_due() == 1
-        d = s.delivery()
-        assert (d.state, d.attempts, d.last_status, d.last_error) == (
-            DeliveryState.DELIVERED,
-            1,
-            0,
-            None,
-        )
-        assert (d.ae_title, d.host, d.port) == ("", "127.0.0.1", pacs.http_port)
-        stored = pacs.find_instances(s.source.StudyInstanceUID)
-        assert [i["MainDicomTags"]["SOPInstanceUID"] for i in stored] == [s.sr.SOPInstanceUID]
+        s = seeded(_stow_dest(pacs.dicomweb_url, objects=["sr", "text_sr"]))
+        assert s.outbox.run_due() == 2  # both objects in one STOW-RS request
+        with s.engine.connect() as conn:
+            rows = conn.execute(select(Delivery).order_by(Delivery.id)).all()
+        assert [(d.state, d.attempts, d.last_status, d.last_error) for d in rows] == [
+            (DeliveryState.DELIVERED, 1, 0, None)
+        ] * 2
+        assert {(d.ae_title, d.host, d.port) for d in rows} == {("", "127.0.0.1", pacs.http_port)}
+        stored = {
+            i["MainDicomTags"]["SOPInstanceUID"]
+            for i in pacs.find_instances(s.source.StudyInstanceUID)
+        }
+        assert stored == {s.sr.SOPInstanceUID, s.text_sr.SOPInstanceUID}
         with s.engine.connect() as conn:
             assert conn.scalar(select(Study.state)) == StudyState.DELIVERED
     finally:
