@@ -432,14 +432,16 @@ def test_stow_answers_classified(
         _assert_retried(s, error, status)
 
 
-def test_stow_request_is_multipart_dicom(seeded: Any) -> None:
-    """What a STOW-RS server receives: one application/dicom part per object, the file bytes."""
+def test_stow_request_is_multipart_dicom(seeded: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a STOW-RS server receives: one application/dicom part per object, the file bytes,
+    and the bearer token from the variable the destination names."""
     seen: dict[str, Any] = {}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             seen["path"] = self.path
             seen["type"] = self.headers["Content-Type"]
+            seen["auth"] = self.headers["Authorization"]
             seen["body"] = self.rfile.read(int(self.headers["Content-Length"]))
             self.send_response(500)
             self.send_header("Content-Length", "0")
@@ -451,12 +453,15 @@ def test_stow_request_is_multipart_dicom(seeded: Any) -> None:
     server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        s = seeded(_stow_dest(f"http://127.0.0.1:{server.server_address[1]}/base/"))
+        monkeypatch.setenv("TEST_STOW_TOKEN", "tok-123")
+        url = f"http://127.0.0.1:{server.server_address[1]}/base/"
+        s = seeded(_stow_dest(url, token_env="TEST_STOW_TOKEN"))
         s.outbox.run_due()
     finally:
         server.shutdown()
         server.server_close()
-    assert seen["path"] == "/base/studies"
+    assert seen["path"] == "/base/studies" and seen["auth"] == "Bearer tok-123"
+    _assert_retried(s, "STOW-RS HTTP 500 Internal Server Error")
     ctype = seen["type"]
     assert ctype.startswith('multipart/related; type="application/dicom"; boundary=')
     boundary = ctype.rsplit("boundary=", 1)[1]
