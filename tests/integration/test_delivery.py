@@ -180,6 +180,28 @@ def test_sr_presentation_context_rejected_is_dead(seeded: Any, scp: Any) -> None
     )
 
 
+def test_only_the_refused_sop_class_is_dead(seeded: Any, scp: Any) -> None:
+    from pydicom.uid import BasicTextSRStorage
+
+    s = seeded(_dimse(scp([BasicTextSRStorage]), objects=["sr", "text_sr"]))
+    assert s.outbox.run_due() == 2  # one association: text SR stored, TID 1500 SR refused
+    with s.engine.connect() as conn:
+        rows = conn.execute(
+            select(Report.kind, Delivery.state, Delivery.attempts, Delivery.last_error)
+            .join(Report, Report.id == Delivery.report_id)
+            .order_by(Report.kind)
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        (
+            "sr",
+            DeliveryState.DEAD,
+            1,
+            "the peer does not accept Comprehensive 3D SR Storage (presentation context rejected)",
+        ),
+        ("text_sr", DeliveryState.DELIVERED, 1, None),
+    ]
+
+
 @pytest.mark.parametrize("status", [0xA700, 0x0110])
 def test_transient_status_is_retried(seeded: Any, scp: Any, status: int) -> None:
     from pydicom.uid import Comprehensive3DSRStorage
