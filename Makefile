@@ -37,6 +37,7 @@ system-deps:
 	for tool in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools pg_ctlcluster:postgresql openssl:openssl systemd-analyze:systemd; do \
 	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool#*:}"; \
 	done; \
+	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \

@@ -87,7 +87,7 @@ def start_pacs_ai(workdir: Path, port: int, orthanc_port: int) -> subprocess.Pop
         '[storage]\npath = "spool"\nmin_free_mb = 100\n'
         '[database]\nurl = "sqlite:///pacs-ai.db"\n'
         f"[assembly]\nct_quiet_seconds = {CT_QUIET}\n"
-        '[reports]\npath = "reports"\n'
+        '[reports]\npath = "reports"\nobjects = ["sr"]\n'
         '[[destinations]]\nname = "orthanc"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
         f'port = {orthanc_port}\nobjects = ["sr"]\n'
         '[logging]\nlevel = "WARNING"\n'

@@ -215,20 +215,29 @@ class PipelineSettings(_Section):
     lease_seconds: Annotated[float, Field(ge=60, le=86400)] = 600.0
 
 
+ObjectKind = Literal["sr", "summary", "text_sr"]
+# What reports.path keeps: report objects, plus "png", a PNG of the summary image to look at.
+OutputKind = Literal["sr", "summary", "text_sr", "png"]
+
+
 class ReportsSettings(_Section):
     # Where report objects (SR, summary images) are written; with no [[destinations]] this is
-    # where users pick them up.
+    # where users pick them up: <report date, UTC>/study-<internal id>/.
     path: Path = Path("var/reports")
+    # Kinds written there for every scored study (destinations' kinds are written too).
+    objects: tuple[OutputKind, ...] = ("sr", "summary", "png")
 
 
-ObjectKind = Literal["sr", "summary", "text_sr"]
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 class DestinationSettings(_Section):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    # "dimse": C-STORE to an AE; "dicomweb": STOW-RS to a DICOMweb base URL.
+    kind: Literal["dimse", "dicomweb"] = "dimse"
     ae_title: AETitle | None = None  # None only with return_to_sender
     host: str | None = None
-    port: Port
+    port: Port | None = None
     # Our AE title on this association (default: dicom.ae_title).
     calling_ae_title: AETitle | None = None
     # Which objects go here: the TID 1500 SR, and/or fallbacks for viewers that cannot draw
@@ -241,6 +250,13 @@ class DestinationSettings(_Section):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     timeout_seconds: PositiveSeconds = 30.0
+    # DICOMweb: the service's base URL (STOW-RS posts to <url>/studies); credentials come
+    # from environment variables named here, never from this file.
+    url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
+    username: str | None = None
+    password_env: Annotated[str, Field(pattern=_ENV_NAME)] | None = None
+    token_env: Annotated[str, Field(pattern=_ENV_NAME)] | None = None
+    ca_file: Path | None = None
 
     _ae = field_validator("ae_title", "calling_ae_title")(
         lambda v: v if v is None else validate_ae_title(v)
@@ -248,10 +264,30 @@ class DestinationSettings(_Section):
 
     @model_validator(mode="after")
     def _target(self) -> DestinationSettings:
-        if not self.return_to_sender and (self.ae_title is None or self.host is None):
-            raise ValueError("a destination needs ae_title and host (or return_to_sender)")
         if not self.objects:
             raise ValueError("a destination needs at least one object kind")
+        web_only = ("url", "username", "password_env", "token_env", "ca_file")
+        dimse_only: tuple[str, ...] = ("ae_title", "host", "port", "calling_ae_title")
+        dimse_only += ("tls_ca_file", "tls_cert_file", "tls_key_file")
+        if self.kind == "dicomweb":
+            if self.url is None:
+                raise ValueError("a dicomweb destination needs url")
+            extra = [k for k in dimse_only if getattr(self, k) is not None]
+            if extra or self.return_to_sender or self.tls:
+                wrong = extra or ["return_to_sender/tls"]
+                raise ValueError(f"{', '.join(wrong)}: not for a dicomweb destination")
+            if (self.username is None) != (self.password_env is None):
+                raise ValueError("basic credentials need both username and password_env")
+            if self.username is not None and self.token_env is not None:
+                raise ValueError("give username/password_env or token_env, not both")
+            return self
+        extra = [k for k in web_only if getattr(self, k) is not None]
+        if extra:
+            raise ValueError(f'{", ".join(extra)}: only for kind = "dicomweb"')
+        if self.port is None:
+            raise ValueError("a destination needs port")
+        if not self.return_to_sender and (self.ae_title is None or self.host is None):
+            raise ValueError("a destination needs ae_title and host (or return_to_sender)")
         return self
 
 
@@ -369,7 +405,10 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     reports = settings.reports.model_copy(update={"path": fix(settings.reports.path)})
     destinations = tuple(
         d.model_copy(
-            update={k: fix(getattr(d, k)) for k in ("tls_ca_file", "tls_cert_file", "tls_key_file")}
+            update={
+                k: fix(getattr(d, k))
+                for k in ("tls_ca_file", "tls_cert_file", "tls_key_file", "ca_file")
+            }
         )
         for d in settings.destinations
     )

@@ -160,3 +160,15 @@ class ModelError(PacsAiError):
 class ModelRefused(ModelError):
     """A model fails the deployment checks (predictions collapse to one class, AUC not above
     the baseline, missing validation metrics, weights not matching the card)."""
+
+
+class StudyNotFound(PacsAiError):
+    """No study matches the reference (database id, Study Instance UID or UID prefix)."""
+
+
+class AmbiguousStudy(PacsAiError):
+    """A UID prefix matches more than one study."""
+
+    def __init__(self, message: str, count: int) -> None:
+        super().__init__(message)
+        self.count = count

@@ -391,15 +391,17 @@ class Pipeline:
     ) -> None:
         now = self._clock()
         requests = [self._report_request(claim, models[k], r) for k, r in scores.items()]
-        from pacs_ai.reporting import write_object
+        from pacs_ai.reporting import output
 
-        kinds = self._object_kinds()
-        reports_dir = self._settings.reports.path / f"study-{claim.study_id}"
+        kinds = output.built_kinds(self._settings)
+        reports_dir = output.study_folder(self._settings.reports.path, now, claim.study_id)
         built: list[tuple[str, Dataset, Path]] = []  # kind, dataset, file
         for req in requests:
             for kind in kinds:
                 ds = _builder(kind)(self._with_predecessor(claim, kind, req))
-                built.append((kind, ds, write_object(ds, reports_dir)))
+                path = output.write_outputs(self._settings, reports_dir, kind, claim.revision, ds)
+                if path is not None:
+                    built.append((kind, ds, path))
 
         with self._engine.begin() as conn:
             current = conn.execute(
@@ -500,12 +502,6 @@ class Pipeline:
         )
         if queued and self._on_reported is not None:
             self._on_reported()
-
-    def _object_kinds(self) -> list[str]:
-        kinds = {"sr"}
-        for dest in self._settings.destinations:
-            kinds.update(dest.objects)
-        return [k for k in ("sr", "summary", "text_sr") if k in kinds]
 
     def _report_request(
         self, claim: _Claim, model: LoadedModel, results: list[tuple[_SeriesInput, SeriesScore]]

@@ -51,6 +51,17 @@ def require_tool(name: str) -> str:
     pytest.skip(f"{why}; on CI this fails instead of skipping")
 
 
+def require_file(path: Path, package: str) -> Path:
+    """``path`` (a plugin, a data file) installed by Debian ``package``; skip or fail as
+    :func:`require_tool` does when it is missing."""
+    if path.exists():
+        return path
+    why = f"{path} is missing (Debian package {package}; `make system-deps`)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{why}; CI must have it", pytrace=False)
+    pytest.skip(f"{why}; on CI this fails instead of skipping")
+
+
 @dataclass(frozen=True)
 class ToolRun:
     returncode: int

@@ -6,10 +6,14 @@ import argparse
 import json
 import sys
 
+from sqlalchemy import select
+
 from pacs_ai.cli import add_config_arg
 from pacs_ai.cli.audit import format_table
+from pacs_ai.cli.studies import admin_actor
 from pacs_ai.config import load_settings
 from pacs_ai.db import audit
+from pacs_ai.db.models import Delivery, DeliveryState
 from pacs_ai.db.session import make_engine
 
 
@@ -59,8 +63,32 @@ def _retry(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     engine = make_engine(settings.database)
     try:
-        n = Outbox(engine, settings).requeue(None if args.all_dead else args.ids)
+        before: dict[int, DeliveryState] = {}
+        if args.ids:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    select(Delivery.id, Delivery.state).where(Delivery.id.in_(args.ids))
+                )
+                before = {row.id: row.state for row in rows}
+        n = Outbox(engine, settings).requeue(None if args.all_dead else args.ids, admin_actor())
     finally:
         engine.dispose()
+    problems = 0
+    for i in dict.fromkeys(args.ids):
+        state = before.get(i)
+        if state is None:
+            print(f"pacs-ai deliveries retry: no delivery with id {i}", file=sys.stderr)
+            problems += 1
+        elif state not in (DeliveryState.DEAD, DeliveryState.FAILED):
+            hint = (
+                " (studies redeliver --force sends it again)"
+                if state == DeliveryState.DELIVERED
+                else ""
+            )
+            print(
+                f"pacs-ai deliveries retry: delivery {i} is {state.value}, not re-queued{hint}",
+                file=sys.stderr,
+            )
+            problems += 1
     print(f"re-queued {n} deliveries; a running service sends them at its next outbox run")
-    return 0
+    return 1 if problems else 0

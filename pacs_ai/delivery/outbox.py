@@ -8,8 +8,14 @@ batch over one association, and records the status of every C-STORE-RSP:
 - 0x0000 Success -> ``delivered``;
 - a warning, or a failure the peer will not change its mind about (0xA9xx/0xCxxx cannot
   understand, 0x0122 SOP class not supported...) -> ``dead``: an admin must look;
-- no response (peer down, association rejected or aborted, timeout) or a transient refusal
-  (0xA7xx out of resources, 0x0110 processing failure) -> ``failed``, retried on the ladder.
+- a refusal that retrying cannot change (association rejected permanently, the report's
+  SOP class not accepted, the peer's TLS certificate not trusted, HTTP 4xx) -> ``dead`` at
+  once, with a reason that says what to fix;
+- no response (peer down, association rejected transiently or aborted, timeout, HTTP 5xx) or
+  a transient refusal (0xA7xx out of resources, 0x0110 processing failure) -> ``failed``,
+  retried on the ladder.
+
+``dicomweb`` destinations are sent by STOW-RS (``delivery.stow``) into the same rows and states.
 
 Report SOP Instance UIDs are deterministic, so a re-send after a crash between sending and
 recording is the same object again, which a PACS stores once.
@@ -24,6 +30,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
 
@@ -39,6 +46,7 @@ from pacs_ai.db.models import (
     utcnow,
 )
 from pacs_ai.delivery.scu import Outgoing, Peer, SendResult, send
+from pacs_ai.delivery.stow import stow
 from pacs_ai.ingest.recorder import write_audit
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,8 @@ _TRANSIENT_FAILURES = frozenset({0x0110, 0x0111, 0x0212})
 
 
 def is_transient(result: SendResult) -> bool:
+    if result.permanent:
+        return False
     if result.status is None:
         return True
     return (result.status & 0xFF00) == 0xA700 or result.status in _TRANSIENT_FAILURES
@@ -101,7 +111,7 @@ class Outbox:
         destination that wants that kind; in the caller's transaction. Returns the count."""
         now = self._clock()
         created = 0
-        for dest, ae, host in self._targets_for(conn, study_id):
+        for dest, ae, host, port in self._targets_for(conn, study_id):
             for report_id, kind in reports:
                 if kind not in dest.objects:
                     continue
@@ -119,7 +129,7 @@ class Outbox:
                         destination=dest.name,
                         ae_title=ae,
                         host=host,
-                        port=dest.port,
+                        port=port,
                         state=DeliveryState.PENDING,
                         attempts=0,
                         next_attempt_at=now,
@@ -130,12 +140,20 @@ class Outbox:
         return created
 
     def _targets_for(
-        self, conn: Connection, study_id: int
-    ) -> list[tuple[DestinationSettings, str, str]]:
-        """(destination, AE title, host) for each configured destination of a study."""
+        self, conn: Connection, study_id: int, only: str | None = None
+    ) -> list[tuple[DestinationSettings, str, str, int]]:
+        """(destination, AE title, host, port) for each configured destination of a study
+        (DICOMweb: no AE title; the URL's host and port)."""
         out = []
         for dest in self._settings.destinations:
-            if dest.return_to_sender:
+            if only is not None and dest.name != only:
+                continue
+            if dest.kind == "dicomweb":
+                assert dest.url is not None
+                url = urlsplit(dest.url)
+                port = url.port or (443 if url.scheme == "https" else 80)
+                out.append((dest, "", url.hostname or "", port))
+            elif dest.return_to_sender:
                 sender = conn.execute(
                     select(Association.calling_ae, Association.peer_host)
                     .join(Instance, Instance.association_id == Association.id)
@@ -146,10 +164,12 @@ class Outbox:
                 if sender is None or not sender.calling_ae:
                     log.warning("study %d: no sender known for %s", study_id, dest.name)
                     continue
-                out.append((dest, sender.calling_ae, sender.peer_host))
+                assert dest.port is not None
+                out.append((dest, sender.calling_ae, sender.peer_host, dest.port))
             else:
                 assert dest.ae_title is not None and dest.host is not None
-                out.append((dest, dest.ae_title, dest.host))
+                assert dest.port is not None
+                out.append((dest, dest.ae_title, dest.host, dest.port))
         return out
 
     # --- sending ---------------------------------------------------------------------------
@@ -231,8 +251,16 @@ class Outbox:
 
     def _send_batch(self, name: str, ae: str, host: str, port: int, rows: Sequence[_Due]) -> None:
         items = [Outgoing(label=str(r.id), path=self.reports_root / r.path) for r in rows]
+        dest = self._destinations.get(name)
+        if dest is None and not ae:  # a DICOMweb destination removed from the config
+            why = f"destination {name} is no longer configured"
+            self._record(rows, [SendResult(i.label, None, None, why, True) for i in items])
+            return
         try:
-            results = send(self._peer(name, ae, host, port), items)
+            if dest is not None and dest.kind == "dicomweb":
+                results = stow(dest, items)
+            else:
+                results = send(self._peer(name, ae, host, port), items)
         except Exception as exc:  # never lose the rows to an unexpected error
             log.exception("delivery to %s failed unexpectedly", name)
             results = [
@@ -281,6 +309,7 @@ class Outbox:
                             "status": res.status,
                             "error": res.error,
                             "attempts": attempts,
+                            "permanent": res.permanent,
                         },
                     )
                 conn.execute(update(Delivery).where(Delivery.id == row.id).values(**values))
@@ -329,3 +358,106 @@ class Outbox:
             for i in ids:
                 write_audit(conn, actor, "delivery_requeued", "ok", "delivery", i)
         return len(ids)
+
+    def redeliver(
+        self,
+        study_id: int,
+        destination: str | None = None,
+        force: bool = False,
+        actor: str = "admin",
+    ) -> Redelivery:
+        """Queue the study's current reports (its latest reported revision) for one or every
+        configured destination that wants their kind. A report already delivered there, or
+        already on its way, is left alone unless ``force``; a dead one is re-queued."""
+        now = self._clock()
+        out = Redelivery()
+        with self._engine.begin() as conn:
+            latest = conn.scalar(
+                select(func.max(Report.study_revision)).where(Report.study_id == study_id)
+            )
+            if latest is None:
+                return out
+            reports = conn.execute(
+                select(Report.id, Report.kind)
+                .where(Report.study_id == study_id, Report.study_revision == latest)
+                .order_by(Report.id)
+            ).all()
+            for dest, ae, host, port in self._targets_for(conn, study_id, destination):
+                for report_id, kind in reports:
+                    if kind not in dest.objects:
+                        continue
+                    row = conn.execute(
+                        select(Delivery.id, Delivery.state).where(
+                            Delivery.report_id == report_id, Delivery.destination == dest.name
+                        )
+                    ).first()
+                    if row is None:
+                        conn.execute(
+                            insert(Delivery).values(
+                                report_id=report_id,
+                                study_id=study_id,
+                                destination=dest.name,
+                                ae_title=ae,
+                                host=host,
+                                port=port,
+                                state=DeliveryState.PENDING,
+                                attempts=0,
+                                next_attempt_at=now,
+                                created_at=now,
+                            )
+                        )
+                        out.queued += 1
+                        continue
+                    resend = row.state == DeliveryState.DEAD or (
+                        force and row.state in (DeliveryState.DELIVERED, DeliveryState.FAILED)
+                    )
+                    if not resend:
+                        out.skipped += 1
+                        continue
+                    conn.execute(
+                        update(Delivery)
+                        .where(Delivery.id == row.id)
+                        .values(
+                            state=DeliveryState.PENDING,
+                            attempts=0,
+                            next_attempt_at=now,
+                            claimed_at=None,
+                            delivered_at=None,
+                            ae_title=ae,
+                            host=host,
+                            port=port,
+                        )
+                    )
+                    out.requeued += 1
+            if out.queued or out.requeued:
+                conn.execute(
+                    update(Study)
+                    .where(Study.id == study_id, Study.state == StudyState.DELIVERED)
+                    .values(state=StudyState.REPORTED, state_changed_at=now)
+                )
+            write_audit(
+                conn,
+                actor,
+                "study_redelivered",
+                "ok",
+                "study",
+                study_id,
+                {
+                    "destination": destination or "*",
+                    "force": force,
+                    "revision": latest,
+                    "queued": out.queued,
+                    "requeued": out.requeued,
+                    "skipped": out.skipped,
+                },
+            )
+        out.reports = len(reports)
+        return out
+
+
+@dataclass
+class Redelivery:
+    reports: int = 0  # report objects of the study's latest revision
+    queued: int = 0  # new deliveries
+    requeued: int = 0  # existing ones sent again (dead, or --force)
+    skipped: int = 0  # already delivered or on their way

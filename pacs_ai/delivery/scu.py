@@ -11,11 +11,12 @@ import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ class SendResult:
     sop_instance_uid: str | None
     status: int | None  # C-STORE-RSP status; None when no response was received
     error: str | None = None  # why there is no response (rejected, aborted, unreadable file)
+    # The failure will not go away by retrying (association rejected permanently, the SOP
+    # class refused, the peer's TLS certificate not trusted): an admin must change something.
+    permanent: bool = False
 
     @property
     def ok(self) -> bool:
@@ -129,29 +133,89 @@ def _batches(items: Sequence[tuple[Outgoing, Dataset]]) -> list[list[tuple[Outgo
     return batches
 
 
-def _associate(peer: Peer, contexts: list[tuple[str, list[str]]]) -> Association:
+class _RecordingSSLSocket(ssl.SSLSocket):
+    """Keeps the handshake's exception: pynetdicom only logs it and reports "no connection"."""
+
+    failures: ClassVar[list[ssl.SSLError]]
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except ssl.SSLError as exc:
+            type(self).failures.append(exc)
+            raise
+
+
+def _associate(
+    peer: Peer, contexts: list[tuple[str, list[str]]]
+) -> tuple[Association, ssl.SSLError | None]:
+    """The association, and the TLS handshake's exception when it failed."""
     ae = AE(ae_title=peer.calling_ae)
     ae.acse_timeout = peer.acse_timeout
     ae.dimse_timeout = peer.dimse_timeout
     ae.network_timeout = peer.network_timeout
     for sop, syntaxes in contexts:
         ae.add_requested_context(sop, syntaxes)
-    tls_args = (peer.tls, peer.tls_hostname or peer.host) if peer.tls is not None else None
-    return ae.associate(peer.host, peer.port, ae_title=peer.called_ae, tls_args=tls_args)
+    handlers: list[evt.EventHandlerType] = [(evt.EVT_CONN_OPEN, _mark_connected)]
+    if peer.tls is None:
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, evt_handlers=handlers)
+        return assoc, None
+    failures: list[ssl.SSLError] = []
+    recording = type("_Recording", (_RecordingSSLSocket,), {"failures": failures})
+    previous = peer.tls.sslsocket_class
+    peer.tls.sslsocket_class = recording
+    try:
+        tls_args = (peer.tls, peer.tls_hostname or peer.host)
+        assoc = ae.associate(
+            peer.host, peer.port, ae_title=peer.called_ae, tls_args=tls_args, evt_handlers=handlers
+        )
+    finally:
+        peer.tls.sslsocket_class = previous
+    return assoc, (failures[0] if failures else None)
 
 
-def _why_not_established(assoc: Association) -> str:
+def _mark_connected(event: evt.Event) -> None:
+    event.assoc.pacs_ai_connected = True  # type: ignore[attr-defined]
+
+
+def tls_failure(exc: ssl.SSLError) -> tuple[str, bool]:
+    """(reason, permanent): a certificate that fails verification will not fix itself."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"TLS: the peer's certificate failed verification ({exc.verify_message}); "
+            "check the destination's CA file and the peer's certificate",
+            True,
+        )
+    return f"TLS handshake failed ({exc.reason or exc.__class__.__name__})", False
+
+
+def _why_not_established(assoc: Association) -> tuple[str, bool]:
+    """(reason, permanent) for an association that was not established."""
     if assoc.is_rejected:
         rsp = assoc.acceptor.primitive
         if rsp is not None:
-            return (
-                f"association rejected ({rsp.result},{rsp.result_source},{rsp.diagnostic}): "
-                f"{rsp.reason_str}"
-            )
-        return "association rejected"
+            where = f"({rsp.result},{rsp.result_source},{rsp.diagnostic})"
+            if rsp.result == 0x01:
+                return (
+                    f"association rejected {where}, permanent: "
+                    f"{rsp.reason_str}{_reject_hint(rsp.result_source, rsp.diagnostic)}",
+                    True,
+                )
+            return f"association rejected {where}: {rsp.reason_str}", False
+        return "association rejected", False
+    if not getattr(assoc, "pacs_ai_connected", False):
+        return "could not connect (nothing answers at that address and port)", False
     if assoc.is_aborted:
-        return "association aborted by the peer"
-    return "could not connect or associate"
+        return "association aborted by the peer", False
+    return "could not associate (no answer in time)", False
+
+
+def _reject_hint(source: Any, diagnostic: Any) -> str:
+    if source == 1 and diagnostic == 3:
+        return "; the peer must list our AE title (calling_ae_title) and address"
+    if source == 1 and diagnostic == 7:
+        return "; check the destination's ae_title"
+    return ""
 
 
 def send(
@@ -172,11 +236,20 @@ def send(
     index_of = {id(item): idx for idx, item, _ in loaded}
     for batch in _batches([(item, ds) for _, item, ds in loaded]):
         datasets = [ds for _, ds in batch]
-        assoc = _associate(peer, _contexts_for(datasets))
+        assoc, tls_error = _associate(peer, _contexts_for(datasets))
         if not assoc.is_established:
-            why = _why_not_established(assoc)
+            if tls_error is not None:
+                why, permanent = tls_failure(tls_error)
+            else:
+                why, permanent = _why_not_established(assoc)
             for item, ds in batch:
-                res = SendResult(item.label, str(ds.get("SOPInstanceUID", "")), None, why)
+                uid = str(ds.get("SOPInstanceUID", ""))
+                # Every context rejected: pynetdicom aborts, but the answer was clear.
+                refused = _refused_context(assoc, ds) if assoc.rejected_contexts else None
+                if refused is not None:
+                    res = SendResult(item.label, uid, None, refused, permanent=True)
+                else:
+                    res = SendResult(item.label, uid, None, why, permanent)
                 results[index_of[id(item)]] = res
                 if progress:
                     progress(res)
@@ -203,8 +276,23 @@ def send(
     return [results[i] for i in range(len(items))]
 
 
+def _refused_context(assoc: Association, ds: Dataset) -> str | None:
+    """Why no accepted presentation context can carry ``ds`` (None when one can)."""
+    sop_class = str(ds.SOPClassUID)
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    accepted = [c for c in assoc.accepted_contexts if c.abstract_syntax == sop_class]
+    if not accepted:
+        return f"the peer does not accept {UID(sop_class).name} (presentation context rejected)"
+    if UID(syntax).is_compressed and all(c.transfer_syntax[0] != syntax for c in accepted):
+        return f"the peer does not accept {UID(syntax).name} for {UID(sop_class).name}"
+    return None
+
+
 def _store_one(assoc: Association, item: Outgoing, ds: Dataset) -> SendResult:
     sop_uid = str(ds.get("SOPInstanceUID", ""))
+    refused = _refused_context(assoc, ds)
+    if refused is not None:
+        return SendResult(item.label, sop_uid, None, refused, permanent=True)
     try:
         rsp = assoc.send_c_store(ds)
     except (ValueError, AttributeError, RuntimeError) as exc:

@@ -5,6 +5,7 @@
 * :func:`build_text_sr`: Basic Text SR with the same content as text (fallback)
 * :func:`report_uid` / :func:`report_series_uid`: the deterministic UIDs they get
 * :func:`write_object`: atomic write of any of them, named by a hash of the SOP Instance UID
+* :mod:`pacs_ai.reporting.output`: the output folder's layout and which kinds it keeps
 
 See docs/reporting.md.
 """

@@ -7,7 +7,9 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 
@@ -22,8 +24,9 @@ def object_filename(sop_instance_uid: str) -> str:
     return f"{digest[:32]}.dcm"
 
 
-def write_object(ds: Dataset, directory: str | os.PathLike[str]) -> Path:
-    """Write ``ds`` in the DICOM file format to ``directory``; return the final path.
+def write_object(ds: Dataset, directory: str | os.PathLike[str], name: str | None = None) -> Path:
+    """Write ``ds`` in the DICOM file format to ``directory`` (as ``name``, default a hash of
+    its SOP Instance UID); return the final path.
 
     Temp file in the same directory, fsync, rename over the final name, fsync the directory:
     a crash leaves either the complete old file, the complete new one, or a stray temp file,
@@ -31,11 +34,18 @@ def write_object(ds: Dataset, directory: str | os.PathLike[str]) -> Path:
     """
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / object_filename(str(ds.SOPInstanceUID))
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=folder)
+    final = folder / (name or object_filename(str(ds.SOPInstanceUID)))
+    write_atomically(final, lambda fh: ds.save_as(fh, enforce_file_format=True))
+    _log.debug("wrote report object %s", uid_ref(str(ds.SOPInstanceUID)))
+    return final
+
+
+def write_atomically(final: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Temp file beside ``final``, ``write`` into it, fsync, rename, fsync the directory."""
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=final.suffix, dir=final.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            ds.save_as(fh, enforce_file_format=True)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_name, final)
@@ -43,10 +53,8 @@ def write_object(ds: Dataset, directory: str | os.PathLike[str]) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
-    dir_fd = os.open(folder, os.O_RDONLY)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    _log.debug("wrote report object %s", uid_ref(str(ds.SOPInstanceUID)))
-    return final

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import time
@@ -11,14 +12,32 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import free_port
-from tests.tools import require_tool
+from tests.tools import require_file, require_tool
+
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def dicomweb_plugin() -> Path:
+    """The DICOMweb plugin's shared library (Debian package orthanc-dicomweb)."""
+    return require_file(DICOMWEB_PLUGIN, "orthanc-dicomweb")
 
 
 class Orthanc:
-    def __init__(self, workdir: Path, known_aes: dict[str, tuple[str, int]], aet: str = "ORTHANC"):
+    def __init__(
+        self,
+        workdir: Path,
+        known_aes: dict[str, tuple[str, int]],
+        aet: str = "ORTHANC",
+        dicomweb: bool = False,
+        users: dict[str, str] | None = None,
+    ):
+        """``dicomweb``: load the DICOMweb plugin (STOW-RS at :attr:`dicomweb_url`);
+        ``users``: HTTP basic authentication with these users (REST calls use the first)."""
         self.workdir = workdir
         self.aet = aet
         self.known_aes = known_aes
+        self.dicomweb = dicomweb
+        self.users = users or {}
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -33,7 +52,8 @@ class Orthanc:
             "DicomPort": self.dicom_port,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "DicomAlwaysAllowStore": False,
             "DicomAlwaysAllowEcho": False,
             "DicomCheckCalledAet": True,
@@ -41,9 +61,14 @@ class Orthanc:
             "DicomModalities": {
                 name.lower(): [ae, "127.0.0.1", port] for name, (ae, port) in self.known_aes.items()
             },
-            "Plugins": [],
+            "Plugins": [str(dicomweb_plugin())] if self.dicomweb else [],
+            "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "StableAge": 1,
         }
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def start(self, timeout: float = 30.0) -> None:
         path = self.workdir / "orthanc.json"
@@ -78,6 +103,10 @@ class Orthanc:
 
     def _request(self, path: str, body: bytes | None = None) -> bytes:
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(req, timeout=10) as rsp:  # noqa: S310 - loopback only
             return bytes(rsp.read())
 

@@ -84,6 +84,9 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         ["audit", "instances"],
         ["audit", "studies"],
         ["audit", "events"],
+        ["studies", "rerun"],
+        ["studies", "redeliver"],
+        ["deliveries", "retry"],
     ]
     for cmd in commands:
         with pytest.raises(SystemExit) as exc:

@@ -273,17 +273,18 @@ def test_pacs_rejecting_is_never_delivered(start_service: ServiceFactory, tmp_pa
         dx = chest_dx("normal", seed=5)
         storescu(svc, write_all([dx], tmp_path / "dx"))
 
-        def tried() -> bool:
+        def dead() -> bool:
             with svc.engine.connect() as c:
-                return bool(c.scalar(select(Delivery.attempts)))
+                return c.scalar(select(Delivery.state)) == DeliveryState.DEAD
 
-        wait_for(tried, timeout=60, what="a delivery attempt")
+        wait_for(dead, timeout=60, what="the delivery dead-lettered")
         with svc.engine.connect() as c:
             d = c.execute(select(Delivery)).one()
             study = c.execute(select(Study)).one()
-        assert d.state in (DeliveryState.FAILED, DeliveryState.DEAD)
-        assert d.state != DeliveryState.DELIVERED and d.delivered_at is None
-        assert "rejected" in (d.last_error or "") or d.last_status not in (None, 0)
+        # A permanent reject (1,1,3) is not retried: dead at the first attempt.
+        assert (d.state, d.attempts, d.last_status) == (DeliveryState.DEAD, 1, None)
+        assert d.delivered_at is None
+        assert (d.last_error or "").startswith("association rejected (1,1,3), permanent")
         assert study.state == StudyState.REPORTED
         assert pacs.find_instances(dx.StudyInstanceUID) == []
     finally:

@@ -188,3 +188,55 @@ def test_packaged_config_is_the_code_defaults_and_the_checkout_config() -> None:
     assert defaults["access"]["allowed"] == []  # type: ignore[index]
     defaults["access"]["allowed"] = _without_data_paths(packaged)["access"]["allowed"]  # type: ignore[index]
     assert defaults == _without_data_paths(packaged)
+def test_dicomweb_destination_keys(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[[destinations]]\nname = "cloud"\nkind = "dicomweb"\n'
+        'url = "https://pacs.example/dicom-web"\nusername = "svc"\n'
+        'password_env = "CLOUD_PASSWORD"\nca_file = "ca.pem"\ntimeout_seconds = 12\n'
+        '[[destinations]]\nname = "dimse"\nae_title = "PACS"\nhost = "10.0.0.1"\nport = 104\n'
+    )
+    web, dimse = load_settings(cfg, env={}).destinations
+    assert (web.kind, web.url, web.username, web.password_env) == (
+        "dicomweb",
+        "https://pacs.example/dicom-web",
+        "svc",
+        "CLOUD_PASSWORD",
+    )
+    assert web.ca_file == (tmp_path / "ca.pem").resolve() and web.timeout_seconds == 12
+    assert (dimse.kind, dimse.port) == ("dimse", 104)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('kind = "dicomweb"', "a dicomweb destination needs url"),
+        ('kind = "dicomweb"\nurl = "ftp://x"', "destinations.0.url"),
+        ('kind = "dicomweb"\nurl = "http://x"\nport = 80', "port: not for a dicomweb destination"),
+        ('kind = "dicomweb"\nurl = "http://x"\nusername = "u"', "need both username and"),
+        (
+            'kind = "dicomweb"\nurl = "http://x"\nusername = "u"\npassword_env = "P"\n'
+            'token_env = "T"',
+            "not both",
+        ),
+        ('kind = "dicomweb"\nurl = "http://x"\ntoken_env = "has space"', "token_env"),
+        ('ae_title = "P"\nhost = "h"\nport = 1\nurl = "http://x"', 'only for kind = "dicomweb"'),
+        ('ae_title = "P"\nhost = "h"', "a destination needs port"),
+    ],
+)
+def test_bad_destinations(tmp_path: Path, table: str, message: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[[destinations]]\nname = "d"\n{table}\n')
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_settings(cfg, env={})
+
+
+def test_reports_objects_default_and_choice(tmp_path: Path) -> None:
+    assert load_settings(env={}).reports.objects == ("sr", "summary", "png")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[reports]\nobjects = ["sr", "text_sr"]\n')
+    assert load_settings(cfg, env={}).reports.objects == ("sr", "text_sr")
+    cfg.write_text('[reports]\nobjects = ["pdf"]\n')
+    with pytest.raises(ConfigError, match=r"reports\.objects"):
+        load_settings(cfg, env={})
