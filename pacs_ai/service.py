@@ -18,12 +18,14 @@ from pacs_ai.ingest.server import DicomServer
 from pacs_ai.ingest.spool import Spool
 from pacs_ai.pipeline import ModelProvider, Pipeline
 from pacs_ai.scheduler import Scheduler
+from pacs_ai.storage.retention import Retention
 
 log = logging.getLogger(__name__)
 
 ASSEMBLY_JOB = "assembly-sweep"
 DELIVERY_JOB = "delivery"
 STALE_JOB = "stale-jobs"
+RETENTION_JOB = "retention"
 
 
 class Service:
@@ -102,6 +104,11 @@ class Service:
         if self.settings.destinations:
             self.scheduler.every(
                 DELIVERY_JOB, self.settings.delivery.poll_seconds, self.outbox.run_due
+            )
+        if self.server is not None and self.settings.retention.enabled:
+            retention = Retention(self.engine, self.settings)
+            self.scheduler.every(
+                RETENTION_JOB, self.settings.retention.interval_seconds, retention.run
             )
         self.scheduler.start()
         if self.server is not None:
