@@ -250,7 +250,7 @@ def format_table(
     natural = [max(len(k), *(len(row[i]) for row in table)) for i, k in enumerate(keys)]
     fixed = {i for i, k in enumerate(keys) if k in whole}
     widths = natural if wide else _fit(natural, width, fixed)
-    lines = ["  ".join(_clip(k, w).ljust(w) for k, w in zip(keys, widths, strict=True))]
+    lines = ["  ".join(_clip(k, w).ljust(w) for k, w in zip(keys, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
     lines += [
         "  ".join(_clip(c, w).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()

@@ -365,11 +365,8 @@ class Retention:
         in_use = exists().where(
             Instance.association_id == Association.id, Instance.purged_at.is_(None)
         )
-        old_assoc = and_(
-            Association.started_at < cutoff,
-            or_(Association.ended_at.is_(None), Association.ended_at < cutoff),
-            ~in_use,
-        )
+        # Never an open association (ended_at is null): its instances may be on their way.
+        old_assoc = and_(Association.ended_at.is_not(None), Association.ended_at < cutoff, ~in_use)
         with self._engine.begin() as conn:
             n_events = conn.scalar(
                 select(func.count()).select_from(AuditEvent).where(AuditEvent.at < cutoff)

@@ -370,7 +370,16 @@ def test_audit_rows_and_associations_by_age(tmp_path: Path, sqlite_url: str) -> 
             .values(peer_host="h", peer_port=2, started_at=old, ended_at=old)
             .returning(Association.id)
         ).scalar_one()
-        conn.execute(update(Association).where(Association.id == env.assoc).values(started_at=old))
+        open_now = conn.execute(  # open for a year, nothing stored yet: never deleted
+            insert(Association)
+            .values(peer_host="h", peer_port=3, started_at=old)
+            .returning(Association.id)
+        ).scalar_one()
+        conn.execute(
+            update(Association)
+            .where(Association.id == env.assoc)
+            .values(started_at=old, ended_at=old)
+        )
     done = env.study(S.NOT_APPLICABLE, 400)
     with env.engine.begin() as conn:
         conn.execute(
@@ -389,7 +398,7 @@ def test_audit_rows_and_associations_by_age(tmp_path: Path, sqlite_url: str) -> 
         senders = set(
             conn.scalars(select(Instance.association_id).where(Instance.study_id == done))
         )
-    assert assocs == {env.assoc}  # still referenced by a study being received
+    assert assocs == {env.assoc, open_now}  # env.assoc: a study being received uses it
     assert echo not in assocs and n_events == 1 and senders == {None}
     assert env.purged(live) == [False, False]
     assert env.events("audit_purged")[0][1]["associations"] == 2
