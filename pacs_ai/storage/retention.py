@@ -190,7 +190,10 @@ class Retention:
         self._seen: set[int] = set()  # studies whose objects this run purged
 
     def _statvfs_free(self) -> int:
-        st = os.statvfs(self._spool_root)
+        path = self._spool_root
+        while not path.exists() and path != path.parent:
+            path = path.parent  # no spool yet (nothing received): its file system
+        st = os.statvfs(path)
         return st.f_bavail * st.f_frsize
 
     def _in(self, root: Path, relpath: str) -> Path | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from pacs_ai.cli import main
 from pacs_ai.db.models import AuditEvent, Instance, Report, Study, StudyState
@@ -146,3 +146,33 @@ def test_audit_output_hides_phi_unless_asked(
     assert dx.StudyInstanceUID not in table  # cut to fit ...
     assert dx.StudyInstanceUID in outputs["studies wide"]  # ... whole with --wide
     assert dx.StudyInstanceUID in outputs["studies csv"]
+
+
+def test_serve_runs_retention_on_its_schedule(
+    start_service: ServiceFactory, tmp_path: Path
+) -> None:
+    svc = start_service(retention={"objects_days": 0, "min_free_mb": 0, "interval_seconds": 1})
+    studies = [_chest(seed=3), _chest(seed=4)]
+    storescu(svc, write_all(studies, tmp_path / "dx"))
+    uids = [ds.StudyInstanceUID for ds in studies]
+    for uid in uids:
+        wait_for(lambda u=uid: _study(svc, u) == (StudyState.READY, 0), timeout=10, what="ready")
+    objects = {}
+    with svc.engine.connect() as c:
+        for uid in uids:
+            rel = c.scalar(select(Instance.path).join(Study).where(Study.study_uid == uid))
+            objects[uid] = svc.settings.storage.path / str(rel)
+
+    def finish(uid: str) -> None:  # as if the pipeline had found nothing to score
+        with svc.engine.begin() as c:
+            c.execute(
+                update(Study).where(Study.study_uid == uid).values(state=StudyState.NOT_APPLICABLE)
+            )
+
+    finish(uids[0])
+    wait_for(lambda: not objects[uids[0]].exists(), timeout=10, what="purged by the job")
+    assert objects[uids[1]].exists()  # still "ready": never purged, whatever its age
+    finish(uids[1])
+    wait_for(lambda: not objects[uids[1]].exists(), timeout=10, what="purged by the job")
+    with svc.engine.connect() as c:
+        assert c.scalars(select(AuditEvent.action)).all().count("objects_purged") == 2

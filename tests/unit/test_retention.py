@@ -200,7 +200,7 @@ D = DeliveryState
 def test_only_finished_and_delivered_studies_lose_their_objects(
     tmp_path: Path, db_url: str
 ) -> None:
-    env = Env(tmp_path, db_url, objects_days=30, failed_objects_days=90)
+    env = Env(tmp_path, db_url, objects_days=30, failed_objects_days=90, reports_days=30)
     done = {
         "reported_no_destination": env.study(S.REPORTED, 31),
         "delivered": env.study(S.DELIVERED, 31, deliveries=(D.DELIVERED, D.DELIVERED)),
@@ -229,7 +229,11 @@ def test_only_finished_and_delivered_studies_lose_their_objects(
     assert (report.objects_failed.studies, report.objects_free_space.studies) == (0, 0)
     with env.engine.connect() as conn:
         marked = set(conn.scalars(select(Study.id).where(Study.purged_at.is_not(None))))
+        reports = set(conn.scalars(select(Report.study_id).where(Report.purged_at.is_not(None))))
     assert marked == set(done.values())
+    # Report files: only the delivered one old enough; none with a delivery still open.
+    assert reports == {done["delivered"]}
+    assert (report.reports.files, report.reports.bytes) == (1, 500)
     env.engine.dispose()
 
 
@@ -507,3 +511,25 @@ def test_study_changed_after_selection_is_not_purged(tmp_path: Path, sqlite_url:
     assert report.objects_finished.studies == 0
     assert env.files(sid) == [True, True] and env.purged(sid) == [False, False]
     env.engine.dispose()
+
+
+def test_config_is_validated(tmp_path: Path) -> None:
+    from pacs_ai.config import settings_from_dict
+    from pacs_ai.errors import ConfigError
+
+    defaults = settings_from_dict({}, base=tmp_path).retention
+    assert (defaults.objects_days, defaults.failed_objects_days, defaults.reports_days) == (
+        30.0,
+        90.0,
+        90.0,
+    )
+    assert (defaults.audit_days, defaults.min_free_mb, defaults.enabled) == (2190.0, 1000, True)
+    for bad, key in (
+        ({"objects_days": 10, "failed_objects_days": 5}, "failed_objects_days"),
+        ({"objects_days": -1}, "retention.objects_days"),
+        ({"interval_seconds": 0}, "retention.interval_seconds"),
+        ({"min_free_mb": -5}, "retention.min_free_mb"),
+        ({"keep_forever": True}, "retention.keep_forever"),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            settings_from_dict({"retention": bad}, base=tmp_path)
