@@ -166,8 +166,10 @@ def storescu(port: int, files: list[Path]) -> None:
         raise RuntimeError(f"storescu exited with {done.returncode}: {done.stdout[-2000:]}")
 
 
-def growth_per_1000(samples: list[dict[str, float]], key: str, skip_s: float) -> float:
-    pts = [(s["studies"], s[key]) for s in samples if s["t_s"] >= skip_s]
+def growth_per_1000(
+    samples: list[dict[str, float]], key: str, skip_s: float, until_s: float = float("inf")
+) -> float:
+    pts = [(s["studies"], s[key]) for s in samples if skip_s <= s["t_s"] <= until_s]
     xs = np.array([p[0] for p in pts], dtype=float)
     if len(pts) < 3 or xs.max() - xs.min() < 1:
         return float("nan")
@@ -195,7 +197,13 @@ def main() -> int:
     ap.add_argument("--no-retention", action="store_true", help="baseline: retention off")
     ap.add_argument("--log-level", default="WARNING")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "soak.json")
+    ap.add_argument("--from-json", type=Path, help="only re-print the table of a saved run")
     args = ap.parse_args()
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        args.out = ROOT / "var" / "soak-reprint.json"
+        report(saved["samples"], saved["studies"], args)
+        return 0
     (ROOT / "var").mkdir(exist_ok=True)
     samples: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(dir=ROOT / "var") as tmp:
@@ -252,22 +260,28 @@ def main() -> int:
 def report(samples: list[dict[str, float]], sent: int, args: argparse.Namespace) -> None:
     skip = args.warmup_seconds
     rows = [
-        "| metric | start | end | max | growth per 1,000 studies |",
-        "|---|---:|---:|---:|---:|",
+        "| metric | start | end | max | growth per 1,000 studies | first half | second half |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     summary: dict[str, Any] = {}
     steady = [s for s in samples if s["t_s"] >= skip] or samples
+    middle = (steady[0]["t_s"] + steady[-1]["t_s"]) / 2
     for key, label in METRICS:
         values = [s[key] for s in steady]
         g = growth_per_1000(samples, key, skip)
+        g1 = growth_per_1000(samples, key, skip, middle)
+        g2 = growth_per_1000(samples, key, middle)
         summary[key] = {
             "start": values[0],
             "end": values[-1],
             "max": max(values),
             "growth_per_1000_studies": g,
+            "growth_per_1000_studies_first_half": g1,
+            "growth_per_1000_studies_second_half": g2,
         }
         rows.append(
-            f"| {label} | {values[0]:.1f} | {values[-1]:.1f} | {max(values):.1f} | {g:+.2f} |"
+            f"| {label} | {values[0]:.1f} | {values[-1]:.1f} | {max(values):.1f} | {g:+.1f} | "
+            f"{g1:+.1f} | {g2:+.1f} |"
         )
     minutes = samples[-1]["t_s"] / 60 if samples else 0.0
     rows.append("")
