@@ -84,6 +84,8 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         ["audit", "instances"],
         ["audit", "studies"],
         ["audit", "events"],
+        ["audit", "study"],
+        ["retention", "run"],
     ]
     for cmd in commands:
         with pytest.raises(SystemExit) as exc:
