@@ -333,6 +333,38 @@ class InferenceSettings(_Section):
         return v
 
 
+Days = Annotated[float, Field(ge=0, le=36500)]
+
+
+class RetentionSettings(_Section):
+    """Storage lifecycle: what is deleted when. Only finished studies are ever touched
+    (reported or not applicable with every delivery delivered; failed ones after a longer
+    keep); rows stay, marked purged, so the audit trail still answers."""
+
+    # Run the retention job inside `pacs-ai serve` (`pacs-ai retention run` works regardless).
+    enabled: bool = True
+    # How often the job runs.
+    interval_seconds: Annotated[float, Field(ge=1, le=86400)] = 3600.0
+    # Received objects are deleted this many days after their study finished.
+    objects_days: Days = 30.0
+    # ... and this many days after it failed, or after a delivery of it went dead.
+    failed_objects_days: Days = 90.0
+    # Report files (SR, summary image, text SR) this many days after they were made, once
+    # every delivery of them is delivered.
+    reports_days: Days = 90.0
+    # Audit events and association records older than this are deleted.
+    audit_days: Days = 2190.0
+    # Below this much free space in the spool, the oldest finished studies' objects go first,
+    # before their age (0: off). Keep it above storage.min_free_mb, where ingest refuses.
+    min_free_mb: Annotated[int, Field(ge=0)] = 1000
+
+    @model_validator(mode="after")
+    def _failed_keep_longer(self) -> RetentionSettings:
+        if self.failed_objects_days < self.objects_days:
+            raise ValueError("retention.failed_objects_days must be >= retention.objects_days")
+        return self
+
+
 class Settings(_Section):
     dicom: DicomSettings = DicomSettings()
     access: AccessSettings = AccessSettings()
@@ -347,6 +379,7 @@ class Settings(_Section):
     delivery: DeliverySettings = DeliverySettings()
     logging: LoggingSettings = LoggingSettings()
     inference: InferenceSettings = InferenceSettings()
+    retention: RetentionSettings = RetentionSettings()
     # Where the file was read from (None for pure defaults); relative paths were resolved
     # against its directory.
     source: Path | None = None

@@ -328,9 +328,11 @@ class Pipeline:
             # For an instance received twice with different bytes, score the newest copy.
             rows = conn.execute(
                 select(Instance.sop_instance_uid, Instance.path)
-                .where(Instance.series_id == series_id)
+                .where(Instance.series_id == series_id, Instance.purged_at.is_(None))
                 .order_by(Instance.id)
             ).all()
+            if not rows:
+                continue  # every file of this series was purged by retention
             latest = {uid: path for uid, path in rows}
             paths = [self._spool.resolve(p) for p in latest.values()]
             out.append(_SeriesInput(series_id, modality or "", [], paths))

@@ -20,6 +20,7 @@ from pacs_ai.ingest.server import DicomServer
 from pacs_ai.ingest.spool import Spool
 from pacs_ai.pipeline import ModelProvider, Pipeline
 from pacs_ai.scheduler import Scheduler
+from pacs_ai.storage.retention import Retention
 
 if TYPE_CHECKING:
     from pacs_ai.inference.runner import LoadedModel  # imports torch: only when models load
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 ASSEMBLY_JOB = "assembly-sweep"
 DELIVERY_JOB = "delivery"
 STALE_JOB = "stale-jobs"
+RETENTION_JOB = "retention"
 
 
 class Service:
@@ -131,6 +133,11 @@ class Service:
         if self.settings.destinations:
             self.scheduler.every(
                 DELIVERY_JOB, self.settings.delivery.poll_seconds, self.outbox.run_due
+            )
+        if self.server is not None and self.settings.retention.enabled:
+            retention = Retention(self.engine, self.settings)
+            self.scheduler.every(
+                RETENTION_JOB, self.settings.retention.interval_seconds, retention.run
             )
         self.scheduler.start()
         if self.server is not None:

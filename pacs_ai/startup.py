@@ -18,7 +18,7 @@ import ssl
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -166,12 +166,14 @@ def _free_space(path: Path) -> str:
 
 
 def _retention_line(settings: Settings) -> str:
-    # The [retention] section may not exist in this build; describe whatever it holds.
-    retention = getattr(settings, "retention", None)
-    if retention is None:
-        return "retention: not configured (nothing is deleted)"
-    values: Mapping[str, Any] = retention.model_dump() if hasattr(retention, "model_dump") else {}
-    return "retention: " + (", ".join(f"{k}={v}" for k, v in values.items()) or str(retention))
+    r = settings.retention
+    if not r.enabled:
+        return "retention: off in serve (nothing is deleted unless `pacs-ai retention run`)"
+    return (
+        f"retention: objects after {r.objects_days:g} d (failed {r.failed_objects_days:g} d), "
+        f"reports {r.reports_days:g} d, audit {r.audit_days:g} d, "
+        f"oldest first below {r.min_free_mb} MB free, every {r.interval_seconds:g} s"
+    )
 
 
 def summary_lines(

@@ -14,7 +14,17 @@ from pacs_ai import __version__
 from pacs_ai.errors import ConfigError, PacsAiError, StartupError
 
 # Sub-modules registering commands, in the order --help lists them.
-_COMMAND_MODULES = ("init", "serve", "net", "db", "audit", "deliveries", "studies", "models")
+_COMMAND_MODULES = (
+    "init",
+    "serve",
+    "net",
+    "db",
+    "audit",
+    "deliveries",
+    "studies",
+    "retention",
+    "models",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

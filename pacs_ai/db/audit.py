@@ -86,6 +86,7 @@ def instances(
             i.times_received,
             i.conflicts_with_id,
             i.path,
+            i.purged_at,
         )
         .join(Study, Study.id == i.study_id)
         .join(Series, Series.id == i.series_id)
@@ -124,12 +125,11 @@ def studies(
         s.first_received_at,
         s.last_received_at,
         s.ready_at,
-        s.patient_id,
-        s.accession_number,
+        s.purged_at,
         s.study_date,
     ]
     if show_phi:
-        cols.append(s.patient_name)
+        cols += [s.patient_name, s.patient_id, s.accession_number]
     stmt = select(*cols).order_by(s.id.desc())
     if since is not None:
         stmt = stmt.where(s.last_received_at >= since)
@@ -172,7 +172,7 @@ def _add_results(engine: Engine, rows: list[dict[str, Any]]) -> None:
             .order_by(Finding.label)
         ):
             found.setdefault(study_id, []).append(
-                f"{label} {prob:.2f}{' PRESENT' if present else ''}"
+                f"{label} {prob:.3f}{' PRESENT' if present else ''}"
             )
         delivery: dict[int, dict[str, int]] = {}
         for study_id, state, n in conn.execute(
@@ -248,9 +248,13 @@ def deliveries(
     return rows
 
 
-def study_timeline(engine: Engine, study_uid: str) -> dict[str, Any] | None:
+PHI_COLUMNS = ("patient_name", "patient_id", "accession_number", "patient_birth_date")
+
+
+def study_timeline(engine: Engine, study_uid: str, show_phi: bool = False) -> dict[str, Any] | None:
     """Everything about one study, in time order: received, ready, scored, reported,
-    delivered, with durations."""
+    delivered, purged, with durations. Patient name, ID, birth date and accession number only
+    with ``show_phi``."""
     with engine.connect() as conn:
         study = conn.execute(select(Study).where(Study.study_uid == study_uid)).first()
         if study is None:
@@ -327,6 +331,18 @@ def study_timeline(engine: Engine, study_uid: str) -> dict[str, Any] | None:
             .where(Delivery.study_id == sid)
             .order_by(Delivery.id)
         ).all()
+        instance_ids = select(Instance.id).where(Instance.study_id == sid)
+        audit_rows = conn.execute(
+            select(AuditEvent.at, AuditEvent.action, AuditEvent.outcome, AuditEvent.detail)
+            .where(
+                ((AuditEvent.object_type == "study") & (AuditEvent.object_id == sid))
+                | ((AuditEvent.object_type == "instance") & AuditEvent.object_id.in_(instance_ids))
+            )
+            .order_by(AuditEvent.id)
+        ).all()
+        live = conn.scalar(
+            select(func.count()).where(Instance.study_id == sid, Instance.purged_at.is_(None))
+        )
     events: list[tuple[dt.datetime, str]] = [
         (study.first_received_at, "first instance received"),
         (study.last_received_at, f"last instance received ({study.instance_count} in all)"),
@@ -347,12 +363,22 @@ def study_timeline(engine: Engine, study_uid: str) -> dict[str, Any] | None:
     for d in dels:
         if d.delivered_at:
             events.append((d.delivered_at, f"delivery {d.id} to {d.destination} delivered"))
+    for a in audit_rows:
+        events.append((a.at, f"{a.action} ({a.outcome})" + (f": {a.detail}" if a.detail else "")))
+    if study.purged_at:
+        events.append((study.purged_at, f"received objects purged ({live} instances on disk now)"))
     events.sort(key=lambda e: e[0])
     t0 = events[0][0]
     return {
-        "study": {k: _jsonable(v) for k, v in study._mapping.items() if k != "patient_name"},
+        "study": {
+            k: _jsonable(v) for k, v in study._mapping.items() if show_phi or k not in PHI_COLUMNS
+        },
         "timeline": [
-            {"at": _jsonable(at), "after_s": round((at - t0).total_seconds(), 3), "event": what}
+            {
+                "at": _jsonable(at),
+                "after_ms": round((at - t0).total_seconds() * 1000),
+                "event": what,
+            }
             for at, what in events
         ],
         "series": [{k: _jsonable(v) for k, v in r._mapping.items()} for r in series],

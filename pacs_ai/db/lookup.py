@@ -25,21 +25,21 @@ class StudyRef:
 def find_study(conn: Connection, ref: str) -> StudyRef:
     """The one study ``ref`` names.
 
-    Digits only: the database id. Otherwise a Study Instance UID: an exact match wins, else
-    the single study whose UID starts with ``ref``. Raises :class:`StudyNotFound` or
+    An exact Study Instance UID wins; then, for digits only, the database id; else the single
+    study whose UID starts with ``ref``. Raises :class:`StudyNotFound` or
     :class:`AmbiguousStudy` (messages carry no UIDs beyond what the caller typed).
     """
     ref = ref.strip()
     cols = (Study.id, Study.study_uid, Study.state, Study.revision)
-    if ref.isdigit():
-        row = conn.execute(select(*cols).where(Study.id == int(ref))).first()
-        if row is None:
-            raise StudyNotFound(f"no study with id {ref}")
-        return StudyRef(*row)
     if not _UID_CHARS.match(ref):
         raise StudyNotFound(f"{ref!r} is neither a study id nor a Study Instance UID (prefix)")
     row = conn.execute(select(*cols).where(Study.study_uid == ref)).first()
     if row is not None:
+        return StudyRef(*row)
+    if ref.isdigit():
+        row = conn.execute(select(*cols).where(Study.id == int(ref))).first()
+        if row is None:
+            raise StudyNotFound(f"no study with id {ref}")
         return StudyRef(*row)
     # Only digits and dots reach here, so LIKE has no wildcard to escape.
     matching = Study.study_uid.like(f"{ref}%")

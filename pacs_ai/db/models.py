@@ -150,6 +150,8 @@ class Study(Base):
     last_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     ready_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     state_changed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # When retention last deleted this study's received objects (the rows stay).
+    purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
 
@@ -199,6 +201,9 @@ class Instance(Base):
     # Same SOP Instance UID received earlier with different bytes: both are kept.
     conflicts_with_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"))
     times_received: Mapped[int] = mapped_column(Integer, default=1)
+    # Set when retention deleted the file (the row stays as history); cleared when the same
+    # instance is received again and stored anew.
+    purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
 
 class Job(Base):
@@ -259,6 +264,8 @@ class Report(Base):
     sop_class_uid: Mapped[str] = mapped_column(UID)
     path: Mapped[str] = mapped_column(String(300))  # relative to reports.path
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Set when retention deleted the file (the row stays as history).
+    purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
 
 class Delivery(Base):

@@ -12,6 +12,7 @@ import enum
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
@@ -28,7 +29,7 @@ from pacs_ai.db.models import (
     StudyState,
     utcnow,
 )
-from pacs_ai.errors import DatabaseUnavailable
+from pacs_ai.errors import DatabaseUnavailable, SpoolIOError
 from pacs_ai.ingest.spool import StoredFile
 from pacs_ai.ingest.validation import InstanceHeader
 
@@ -90,9 +91,16 @@ def write_audit(
 
 
 class IngestRecorder:
-    def __init__(self, engine: Engine, clock: Callable[[], dt.datetime] = utcnow) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        clock: Callable[[], dt.datetime] = utcnow,
+        spool_root: Path | None = None,
+    ) -> None:
         self._engine = engine
         self._clock = clock
+        # Where stored paths are relative to (checks a restored purged instance's file).
+        self._spool_root = spool_root
 
     # --- associations ------------------------------------------------------------------
 
@@ -272,8 +280,12 @@ class IngestRecorder:
         earlier = s.execute(_SELECT_SAME_SOP, {"sop": h.sop_instance_uid}).all()
         for inst_id, sha in earlier:
             if sha == stored.sha256:
-                s.execute(_BUMP_TIMES_RECEIVED, {"row_id": inst_id})
-                return RecordOutcome.DUPLICATE
+                if s.execute(_BUMP_TIMES_RECEIVED, {"row_id": inst_id}).first() is not None:
+                    return RecordOutcome.DUPLICATE
+                # Its file was purged by retention: this copy is stored again.
+                return self._restore(
+                    s, inst_id, study_id, series_id, assoc_id, calling_ae, now, stored
+                )
 
         conflicts_with = earlier[0][0] if earlier else None
         inst_id = s.execute(
@@ -333,6 +345,59 @@ class IngestRecorder:
                 outcome = RecordOutcome.LATE
         return outcome
 
+    def _restore(
+        self,
+        s: Connection,
+        inst_id: int,
+        study_id: int,
+        series_id: int,
+        assoc_id: int,
+        calling_ae: str,
+        now: dt.datetime,
+        stored: StoredFile,
+    ) -> RecordOutcome:
+        """The same instance again after retention purged its file: the row is restored
+        (it locks against a purge deleting this very file) and the study re-opened."""
+        s.execute(
+            _RESTORE_PURGED,
+            {"row_id": inst_id, "now": now, "assoc": assoc_id, "path": stored.relpath},
+        )
+        if self._spool_root is not None and not (self._spool_root / stored.relpath).exists():
+            # A purge deleted the file this arrival had just placed: refuse; the sender retries.
+            raise SpoolIOError("the stored file was purged concurrently")
+        s.execute(
+            update(_SERIES)
+            .where(_SERIES.c.id == series_id)
+            .values(
+                last_received_at=now,
+                last_association_id=assoc_id,
+                state=SeriesState.RECEIVING,
+                completed_at=None,
+            )
+        )
+        revision = s.execute(
+            update(_STUDIES)
+            .where(_STUDIES.c.id == study_id)
+            .values(
+                state=StudyState.RECEIVING,
+                revision=_STUDIES.c.revision + 1,
+                last_received_at=now,
+                state_changed_at=now,
+                state_reason="instance received again after its file was purged",
+            )
+            .returning(_STUDIES.c.revision)
+        ).scalar_one()
+        write_audit(
+            s,
+            calling_ae,
+            "purged_instance_restored",
+            "ok",
+            "instance",
+            inst_id,
+            {"study_id": study_id, "revision": revision},
+        )
+        return RecordOutcome.LATE
+
 
 # Hot-path statements, built once on the tables (not the ORM classes): executing a prebuilt
 # statement with parameters skips per-call statement construction and ORM bookkeeping.
@@ -344,8 +409,20 @@ _SELECT_SAME_SOP = select(_INSTANCES.c.id, _INSTANCES.c.sha256).where(
 )
 _BUMP_TIMES_RECEIVED = (
     update(_INSTANCES)
-    .where(_INSTANCES.c.id == bindparam("row_id"))
+    .where(_INSTANCES.c.id == bindparam("row_id"), _INSTANCES.c.purged_at.is_(None))
     .values(times_received=_INSTANCES.c.times_received + 1)
+    .returning(_INSTANCES.c.id)
+)
+_RESTORE_PURGED = (
+    update(_INSTANCES)
+    .where(_INSTANCES.c.id == bindparam("row_id"))
+    .values(
+        purged_at=None,
+        path=bindparam("path"),
+        received_at=bindparam("now"),
+        association_id=bindparam("assoc"),
+        times_received=_INSTANCES.c.times_received + 1,
+    )
 )
 _INSERT_INSTANCE = insert(_INSTANCES).returning(_INSTANCES.c.id)
 _TOUCH_SERIES = (

@@ -58,7 +58,7 @@ class DicomServer:
         self._ctx = ServerContext(
             settings=settings,
             spool=spool,
-            recorder=IngestRecorder(engine),
+            recorder=IngestRecorder(engine, spool_root=spool.root),
             stop=self._stop,
             ssl_context=make_ssl_context(settings.tls) if settings.tls.enabled else None,
             slots=AssociationSlots(settings.dicom.max_associations),

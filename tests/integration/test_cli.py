@@ -87,6 +87,8 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         ["studies", "rerun"],
         ["studies", "redeliver"],
         ["deliveries", "retry"],
+        ["audit", "study"],
+        ["retention", "run"],
     ]
     for cmd in commands:
         with pytest.raises(SystemExit) as exc:

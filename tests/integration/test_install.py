@@ -163,7 +163,10 @@ def test_wheel_installs_into_a_clean_venv_and_serves(tmp_path: Path) -> None:
                 ready = notify.recv(64)
         assert ready == b"READY=1"
         text = log.read_text()
-        assert text.splitlines()[-1].endswith("retention: not configured (nothing is deleted)")
+        assert text.splitlines()[-1].endswith(
+            "retention: objects after 30 d (failed 90 d), reports 90 d, audit 2190 d, "
+            "oldest first below 1000 MB free, every 3600 s"
+        )
         assert f"pacs-ai {__version__} started with config {config}" in text
         assert f"dicom: AE PACS_AI on 127.0.0.1:{port}, TLS off" in text
         assert "model cxr: pacs-ai-cxr-demo 1.0 (DEMO, not for clinical use)" in text

@@ -156,7 +156,8 @@ def test_started_service_logs_one_summary(
         "objects summary, text_sr, TLS off",
         f"reports: {tmp_path / 'var' / 'reports'}",
         f"database: {url.render_as_string(hide_password=True)} (schema {head_revision()})",
-        "retention: not configured (nothing is deleted)",
+        "retention: objects after 30 d (failed 90 d), reports 90 d, audit 2190 d, "
+        "oldest first below 1000 MB free, every 3600 s",
     ]
     assert not any("s3cret-pw" in line for line in lines)
 

@@ -188,6 +188,8 @@ def test_packaged_config_is_the_code_defaults_and_the_checkout_config() -> None:
     assert defaults["access"]["allowed"] == []  # type: ignore[index]
     defaults["access"]["allowed"] = _without_data_paths(packaged)["access"]["allowed"]  # type: ignore[index]
     assert defaults == _without_data_paths(packaged)
+
+
 def test_dicomweb_destination_keys(tmp_path: Path) -> None:
     (tmp_path / "ca.pem").write_text("")
     cfg = tmp_path / "c.toml"

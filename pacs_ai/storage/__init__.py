@@ -1,0 +1,1 @@
+"""The spool as its own floor: ingest writes, the pipeline reads, retention purges."""
