@@ -28,6 +28,7 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
 
 from pacs_ai.config import DestinationSettings, Settings
+from pacs_ai.db.events import write_audit
 from pacs_ai.db.models import (
     Association,
     Delivery,
@@ -39,7 +40,6 @@ from pacs_ai.db.models import (
     utcnow,
 )
 from pacs_ai.delivery.scu import Outgoing, Peer, SendResult, send
-from pacs_ai.ingest.recorder import write_audit
 
 log = logging.getLogger(__name__)
 
