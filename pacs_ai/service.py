@@ -16,7 +16,7 @@ from pacs_ai.errors import ConfigError
 from pacs_ai.ingest.recovery import recover
 from pacs_ai.ingest.server import DicomServer
 from pacs_ai.ingest.spool import Spool
-from pacs_ai.pipeline import ModelProvider, Pipeline
+from pacs_ai.pipeline import Pipeline
 from pacs_ai.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -39,11 +39,7 @@ class Service:
         self.pipeline: Pipeline | None = None
         if settings.pipeline.enabled or not listener:
             self.pipeline = Pipeline(
-                self.engine,
-                settings,
-                self.outbox,
-                ModelProvider(settings),
-                on_reported=self._deliver_now,
+                self.engine, settings, self.outbox, on_reported=self._deliver_now
             )
         self.assembler: Assembler | None = None
         self.server: DicomServer | None = None
@@ -85,16 +81,17 @@ class Service:
             )
         if self.pipeline is not None:
             # SQLite has one worker, so anything left "processing" was ours; with PostgreSQL
-            # only jobs older than the lease (their worker is presumed dead).
+            # only jobs older than the lease (their worker is presumed dead). Either way the
+            # interrupted job counts as an attempt (a crash loop ends "failed").
             single = self.engine.dialect.name == "sqlite"
             lease = dt.timedelta(seconds=0 if single else self.settings.pipeline.lease_seconds)
-            self.pipeline.recover_stale(lease)
+            ledger = self.pipeline.ledger
+            ledger.recover_stale(lease)
             if not single:
-                pipeline = self.pipeline
                 self.scheduler.every(
                     STALE_JOB,
                     self.settings.pipeline.lease_seconds / 4,
-                    lambda: pipeline.recover_stale(
+                    lambda: ledger.recover_stale(
                         dt.timedelta(seconds=self.settings.pipeline.lease_seconds)
                     ),
                 )

@@ -83,9 +83,7 @@ def _jpeg(buf: bytes) -> FrameSize | None:
             break
         if code in _SOF and i + 10 <= end:
             # FF Cn, Lf(2), P(1), Y(2), X(2), Nf(1)
-            found.append(
-                FrameSize(_be(buf, i + 5, 2), _be(buf, i + 7, 2), buf[i + 9], buf[i + 4])
-            )
+            found.append(FrameSize(_be(buf, i + 5, 2), _be(buf, i + 7, 2), buf[i + 9], buf[i + 4]))
         i += 2 + length
         if code == _SOS:
             i = _skip_entropy_coded(buf, i)
@@ -126,7 +124,11 @@ def _j2k(buf: bytes) -> FrameSize | None:
             x, y, x0, y0 = (_be(buf, i + 6 + 4 * k, 4) for k in range(4))
             components = _be(buf, i + 38, 2)
             precision = max(
-                ((buf[i + 40 + 3 * c] & 0x7F) + 1 for c in range(components) if i + 40 + 3 * c < end),
+                (
+                    (buf[i + 40 + 3 * c] & 0x7F) + 1
+                    for c in range(components)
+                    if i + 40 + 3 * c < end
+                ),
                 default=0,
             )
             found.append(FrameSize(max(y - y0, 0), max(x - x0, 0), components, precision))

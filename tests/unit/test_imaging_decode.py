@@ -13,13 +13,13 @@ from pydicom.encaps import get_frame
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pacs_ai.errors import DecodeLimitExceeded, ImagingError
+from pacs_ai.imaging.codestream import FrameSize, codestream_frame_size
 from pacs_ai.imaging.decode import (
     DecodeLimits,
     read_dataset,
     read_header,
     stored_values,
 )
-from pacs_ai.imaging.codestream import FrameSize, codestream_frame_size
 from pacs_ai.imaging.gating import assess_series
 from pacs_ai.imaging.prepare import InputSpec, xray_input
 from pacs_ai.training import dicomwriter as dw
