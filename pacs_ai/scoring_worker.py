@@ -52,6 +52,7 @@ class ScoringWorker:
         self._proc: BaseProcess | None = None
         self._conn: Connection | None = None
         self._ready = False
+        self._closed = False
         self._lock = threading.Lock()
 
     @property
@@ -86,19 +87,31 @@ class ScoringWorker:
             raise WorkerFailed(reply[1], reply[2])
 
     def stop(self) -> None:
-        with self._lock:
+        """Stop the child: politely when idle; a job still running is cut short (it counts
+        as an interrupted attempt) rather than holding up the shutdown."""
+        self._closed = True
+        if not self._lock.acquire(timeout=_STOP_WAIT):
+            proc = self._proc
+            if proc is not None:
+                proc.kill()
+            self._lock.acquire()
+        try:
             if self._conn is not None:
                 with contextlib.suppress(OSError):
                     self._conn.send(None)
             if self._proc is not None:
                 self._proc.join(_STOP_WAIT)
             self._discard()
+        finally:
+            self._lock.release()
 
     # --- internals ---------------------------------------------------------------------------
 
     def _ensure_started(self) -> None:
         if self._proc is not None and self._proc.is_alive():
             return
+        if self._closed:
+            raise WorkerFailed("WorkerStopped", "the scoring worker is shutting down")
         self._discard()
         parent_end, child_end = self._ctx.Pipe()
         proc = self._ctx.Process(
