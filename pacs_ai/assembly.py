@@ -24,8 +24,8 @@ from collections.abc import Callable
 from sqlalchemy import Engine, and_, exists, select, update
 
 from pacs_ai.config import AssemblySettings
+from pacs_ai.db.events import write_audit
 from pacs_ai.db.models import Association, Series, SeriesState, Study, StudyState, utcnow
-from pacs_ai.ingest.recorder import write_audit
 
 log = logging.getLogger(__name__)
 

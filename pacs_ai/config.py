@@ -213,6 +213,19 @@ class PipelineSettings(_Section):
     # PostgreSQL with several workers: a job running longer than this is assumed to belong to
     # a worker that died, and its study is re-queued. (SQLite: one worker; re-queued at start.)
     lease_seconds: Annotated[float, Field(ge=60, le=86400)] = 600.0
+    # Address-space limit (RLIMIT_AS) of the scoring worker process that decodes and runs the
+    # models, in MiB; 0 = none. torch alone reserves about 4 GiB of address space. Not applied
+    # when a CUDA device may be used (the driver reserves address space beyond real use).
+    worker_memory_mb: Annotated[int, Field(ge=0, le=1024 * 1024)] = 12288
+    # A study the scoring worker has not answered within this long fails its attempt; the
+    # worker is killed and restarted.
+    worker_timeout_seconds: Annotated[float, Field(gt=0, le=86400)] = 600.0
+
+    @model_validator(mode="after")
+    def _room_for_torch(self) -> PipelineSettings:
+        if 0 < self.worker_memory_mb < 4096:
+            raise ValueError("worker_memory_mb must be 0 (no limit) or at least 4096")
+        return self
 
 
 ObjectKind = Literal["sr", "summary", "text_sr"]
@@ -537,7 +550,7 @@ def settings_from_dict(
     from_env: Mapping[tuple[str, ...], str] | None = None,
 ) -> Settings:
     try:
-        settings = Settings.model_validate({**data, "source": Path(origin)})
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, origin, from_env)) from exc
     return _resolve_paths(settings, base)

@@ -7,6 +7,8 @@ the code base picks a status number.
 
 from __future__ import annotations
 
+import re
+
 
 class PacsAiError(Exception):
     """Base of every error pacs-ai raises on purpose."""
@@ -172,3 +174,32 @@ class AmbiguousStudy(PacsAiError):
     def __init__(self, message: str, count: int) -> None:
         super().__init__(message)
         self.count = count
+# --- the scoring worker and error text --------------------------------------------------------
+
+
+class WorkerFailed(PacsAiError):
+    """The scoring worker process failed a job: it died (signal, out of memory), timed out,
+    or raised there. ``kind`` is the original exception class name; the message is already
+    scrubbed (see :func:`safe_reason`)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+# Things that may be DICOM values in exception text: quoted strings and byte strings, UIDs
+# (and other dotted numbers), person names (carets), dates and long digit runs (IDs).
+_SCRUB = re.compile(
+    r"""b?'[^']*'|b?"[^"]*"|\d+(?:\.\d+){2,}|\S*\^\S*|\d{6,}""",
+)
+_REASON_CHARS = 200
+
+
+def safe_reason(exc: BaseException) -> str:
+    """``"ExceptionClass: message"`` for logs, ``state_reason`` and ``jobs.error``, with
+    anything that may be a DICOM value (quoted text, UIDs, names, long numbers) replaced by
+    ``…`` and cut to 200 characters."""
+    kind = exc.kind if isinstance(exc, WorkerFailed) else type(exc).__name__
+    message = " ".join(_SCRUB.sub("…", str(exc)).split())
+    text = f"{kind}: {message}" if message else kind
+    return text[:_REASON_CHARS]

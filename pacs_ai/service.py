@@ -7,7 +7,6 @@ import datetime as dt
 import logging
 import signal
 import threading
-from typing import TYPE_CHECKING
 
 from pacs_ai import startup
 from pacs_ai.assembly import Assembler
@@ -18,12 +17,9 @@ from pacs_ai.errors import StartupError
 from pacs_ai.ingest.recovery import recover
 from pacs_ai.ingest.server import DicomServer
 from pacs_ai.ingest.spool import Spool
-from pacs_ai.pipeline import ModelProvider, Pipeline
+from pacs_ai.pipeline import Pipeline
 from pacs_ai.scheduler import Scheduler
 from pacs_ai.storage.retention import Retention
-
-if TYPE_CHECKING:
-    from pacs_ai.inference.runner import LoadedModel  # imports torch: only when models load
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +40,9 @@ class Service:
         self.scheduler = Scheduler()
         self.outbox = Outbox(self.engine, settings)
         self.pipeline: Pipeline | None = None
-        self.models = ModelProvider(settings)
         if settings.pipeline.enabled or not listener:
             self.pipeline = Pipeline(
-                self.engine,
-                settings,
-                self.outbox,
-                self.models,
-                on_reported=self._deliver_now,
+                self.engine, settings, self.outbox, on_reported=self._deliver_now
             )
         self.assembler: Assembler | None = None
         self.server: DicomServer | None = None
@@ -82,17 +73,6 @@ class Service:
             raise StartupError(problem)
         return cur
 
-    def _load_models(self) -> dict[str, LoadedModel]:
-        """Every model the routing rules use, loaded now: one that cannot load refuses the
-        start instead of failing every study later."""
-        loaded: dict[str, LoadedModel] = {}
-        for key in startup.model_keys(self.settings):
-            try:
-                loaded[key] = self.models.get(key)
-            except Exception as exc:  # a model's load fails in many ways (torch, files, card)
-                raise StartupError(startup.model_problem(self.settings, key, exc)) from exc
-        return loaded
-
     def start(self) -> None:
         """Check, then start. Raises :class:`StartupError` (schema out of date, port taken,
         a model that does not load) before anything runs; logs the summary when running."""
@@ -103,7 +83,9 @@ class Service:
             except OSError as exc:
                 raise StartupError(startup.listen_problem(self.settings.dicom, exc)) from exc
         try:
-            models = self._load_models() if self.pipeline is not None else {}
+            # Every model the routing rules use, loaded now in the scoring worker: one that
+            # cannot load refuses the start instead of failing every study later.
+            models = self.pipeline.scorer.wait_ready() if self.pipeline is not None else []
         except StartupError:
             if self.server is not None:
                 self.server.close()
@@ -116,16 +98,17 @@ class Service:
             )
         if self.pipeline is not None:
             # SQLite has one worker, so anything left "processing" was ours; with PostgreSQL
-            # only jobs older than the lease (their worker is presumed dead).
+            # only jobs older than the lease (their worker is presumed dead). Either way the
+            # interrupted job counts as an attempt (a crash loop ends "failed").
             single = self.engine.dialect.name == "sqlite"
             lease = dt.timedelta(seconds=0 if single else self.settings.pipeline.lease_seconds)
-            self.pipeline.recover_stale(lease)
+            ledger = self.pipeline.ledger
+            ledger.recover_stale(lease)
             if not single:
-                pipeline = self.pipeline
                 self.scheduler.every(
                     STALE_JOB,
                     self.settings.pipeline.lease_seconds / 4,
-                    lambda: pipeline.recover_stale(
+                    lambda: ledger.recover_stale(
                         dt.timedelta(seconds=self.settings.pipeline.lease_seconds)
                     ),
                 )

@@ -16,7 +16,7 @@ import shutil
 import socket
 import ssl
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +30,7 @@ from pacs_ai.errors import StartupError
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from pacs_ai.inference.runner import LoadedModel
+    from pacs_ai.scoring import ModelSummary
 
 _MB = 1024 * 1024
 
@@ -178,7 +178,7 @@ def _retention_line(settings: Settings) -> str:
 
 def summary_lines(
     settings: Settings,
-    models: Mapping[str, LoadedModel],
+    models: Sequence[ModelSummary],
     engine: Engine,
     listener: bool,
     revision: str | None,
@@ -201,12 +201,11 @@ def summary_lines(
     else:
         lines.append("dicom: no listener in this process (pacs-ai worker)")
     if models:
-        for key, model in models.items():
-            card = model.card
-            demo = "DEMO, not for clinical use" if card.demo else "not a demo"
+        for m in models:
+            demo = "DEMO, not for clinical use" if m.demo else "not a demo"
             lines.append(
-                f"model {key}: {card.name} {card.version} ({demo}), "
-                f"device {model.device}, precision {model.precision}"
+                f"model {m.key}: {m.name} {m.version} ({demo}), "
+                f"device {m.device}, precision {m.precision}"
             )
     else:
         lines.append("models: none loaded here (pipeline.enabled = false: run `pacs-ai worker`)")

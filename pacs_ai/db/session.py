@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_ai.config import DatabaseSettings
 
@@ -45,10 +44,6 @@ def make_engine(settings: DatabaseSettings) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, echo=settings.echo, pool_pre_ping=True, pool_size=10)
-
-
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
 
 
 def alembic_config(url: str) -> Any:

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
 
 from pacs_ai.config import DestinationSettings, Settings
+from pacs_ai.db.events import write_audit
 from pacs_ai.db.models import (
     Association,
     Delivery,
@@ -47,7 +48,6 @@ from pacs_ai.db.models import (
 )
 from pacs_ai.delivery.scu import Outgoing, Peer, SendResult, send
 from pacs_ai.delivery.stow import stow
-from pacs_ai.ingest.recorder import write_audit
 
 log = logging.getLogger(__name__)
 

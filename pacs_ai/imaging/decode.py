@@ -4,9 +4,11 @@ Every transfer syntax of DESIGN.md §4 decodes here: implicit/explicit little en
 big endian and deflate (pydicom), JPEG baseline/extended/lossless, JPEG-LS (pylibjpeg-libjpeg),
 JPEG 2000 (pylibjpeg-openjpeg) and RLE (pylibjpeg-rle or pydicom). Before any pixel is decoded
 the declared geometry is checked against :class:`DecodeLimits`, so the memory a file can make
-us allocate is bounded by the limits, not by what its compressed stream expands to. A deflated
-dataset is inflated in a bounded stream before pydicom sees it (a deflate bomb would otherwise
-be inflated whole by the parser).
+us allocate is bounded by the limits, not by what its compressed stream expands to; a JPEG/J2K
+frame is checked against what its codestream declares (:mod:`pacs_ai.imaging.codestream`). A
+deflated dataset is inflated in a bounded stream before pydicom sees it (pydicom would inflate
+it whole): a header read inflates only up to Pixel Data, a full read at most what the header
+declares.
 """
 
 from __future__ import annotations
@@ -18,15 +20,23 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset as _parse_dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.pixels.utils import pixel_array
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+)
 
 from pacs_ai.errors import DecodeLimitExceeded, ImagingError
+from pacs_ai.imaging.codestream import codestream_frame_size
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,7 @@ def check_limits(ds: Dataset, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         bits = int(ds.BitsAllocated)
     except (AttributeError, TypeError, ValueError) as exc:
-        raise ImagingError(f"image geometry missing or invalid: {exc}") from exc
+        raise ImagingError(f"image geometry missing or invalid ({type(exc).__name__})") from exc
     if not (0 < rows <= limits.max_rows and 0 < cols <= limits.max_columns):
         raise DecodeLimitExceeded(f"image of {rows}x{cols} pixels is outside the limits")
     if not 0 < frames <= limits.max_frames:
@@ -98,51 +108,38 @@ def stored_values(ds: Dataset, frame: int | None = None) -> np.ndarray:
         else:
             arr = np.asarray(pixel_array(ds, index=frame or 0))
     except Exception as exc:  # decoders raise many types; all mean "cannot decode"
-        raise ImagingError(f"pixel data cannot be decoded: {type(exc).__name__}: {exc}") from exc
+        raise ImagingError(f"pixel data cannot be decoded ({type(exc).__name__})") from exc
     return _honour_bits_stored(arr, ds)
 
 
-# JPEG start-of-frame markers (all processes, and JPEG-LS SOF55) carry height and width.
-_SOF = frozenset(
-    {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), 0xCD, 0xCE, 0xCF, 0xF7}
+_FRAME_HEADER_SYNTAXES = frozenset(
+    {*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes}
 )
 
 
-def codestream_size(data: bytes) -> tuple[int, int] | None:
-    """(rows, columns) declared by a JPEG, JPEG-LS or JPEG 2000 codestream, read from its
-    SOF or SIZ marker without decoding; None when not found."""
-    if data[:2] == b"\xff\xd8":
-        i = 2
-        while i + 9 <= len(data) and data[i] == 0xFF:
-            code = data[i + 1]
-            if code in _SOF:
-                return int.from_bytes(data[i + 5 : i + 7]), int.from_bytes(data[i + 7 : i + 9])
-            if code == 0xFF:  # fill byte
-                i += 1
-                continue
-            i += 2 + int.from_bytes(data[i + 2 : i + 4])
-        return None
-    at = data.find(b"\xff\x4f\xff\x51", 0, 4096)  # SOC then SIZ (raw or inside a JP2 box)
-    if at < 0 or at + 24 > len(data):
-        return None
-    x, y, x0, y0 = (int.from_bytes(data[at + 8 + 4 * k : at + 12 + 4 * k]) for k in range(4))
-    return y - y0, x - x0
-
-
 def _check_codestream(ds: Dataset, frame: int, frames: int) -> None:
-    """Refuse a compressed frame whose codestream is larger than the header says: decoders
-    allocate what the codestream declares, so this is the bomb check for JPEG/J2K."""
+    """Refuse a compressed frame whose codestream declares more than the header (rows,
+    columns, samples, precision) or declares nothing: decoders allocate what the codestream
+    says, so this is the bomb check for JPEG/JPEG-LS/J2K. The whole frame is walked."""
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if syntax is None or not syntax.is_compressed or "PixelData" not in ds:
         return
     try:
         data = get_frame(ds.PixelData, frame, number_of_frames=frames)
     except Exception as exc:  # malformed encapsulation
-        raise ImagingError(f"encapsulated pixel data is malformed: {exc}") from exc
-    size = codestream_size(bytes(data[:65536]))
-    if size is not None and (size[0] > int(ds.Rows) or size[1] > int(ds.Columns)):
+        raise ImagingError(f"encapsulated pixel data is malformed ({type(exc).__name__})") from exc
+    size = codestream_frame_size(data)
+    if size is None:
+        if syntax in _FRAME_HEADER_SYNTAXES:
+            raise DecodeLimitExceeded("no frame header found in the compressed frame")
+        return  # RLE and others: the decoder uses the DICOM header's geometry
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    if size.rows > rows or size.columns > cols or size.samples > samples or size.precision > bits:
         raise DecodeLimitExceeded(
-            f"codestream declares {size[0]}x{size[1]} pixels, the header {ds.Rows}x{ds.Columns}"
+            f"codestream declares {size.rows}x{size.columns}x{size.samples} "
+            f"({size.precision} bits), the header {rows}x{cols}x{samples} ({bits} bits)"
         )
 
 
@@ -164,6 +161,14 @@ def _honour_bits_stored(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     return wide.astype(arr.dtype) if arr.dtype.itemsize <= 2 else wide
 
 
+# A header (everything before Pixel Data) larger than this is refused; header reads of plain
+# files defer values over _LARGE_VALUE bytes and drop them (gating and reports never need them).
+_HEADER_BYTES = 64 * 1024**2
+_LARGE_VALUE = 1 << 20
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+_PARSE_ERRORS = (InvalidDicomError, EOFError, OSError, ValueError, KeyError, zlib.error)
+
+
 def _read(path: Path, *, stop_before_pixels: bool, limits: DecodeLimits) -> Dataset:
     try:
         try:
@@ -171,34 +176,110 @@ def _read(path: Path, *, stop_before_pixels: bool, limits: DecodeLimits) -> Data
         except InvalidDicomError:
             meta = None  # no preamble: let dcmread decide
         if meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-            return _read_deflated(path, meta, limits)
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, zlib.error) as exc:
-        raise ImagingError(f"not a readable DICOM file: {type(exc).__name__}: {exc}") from exc
+            header = _deflated_header(path, meta)
+            return header if stop_before_pixels else _read_deflated(path, meta, header, limits)
+        if not stop_before_pixels:
+            return pydicom.dcmread(path)
+        ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=_LARGE_VALUE)
+        for elem in list(ds.elements()):
+            if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
+                del ds[elem.tag]
+        return ds
+    except _PARSE_ERRORS as exc:
+        raise ImagingError(f"not a readable DICOM file ({type(exc).__name__})") from exc
 
 
-def _read_deflated(path: Path, meta: FileMetaDataset, limits: DecodeLimits) -> Dataset:
-    """Inflate the dataset in a bounded stream, then parse it as explicit VR little endian."""
-    raw = Path(path).read_bytes()
-    # preamble (128) + "DICM" (4) + the group length element (12) + the rest of group 0002
-    start = 132 + 12 + int(meta.FileMetaInformationGroupLength)
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    parts: list[bytes] = []
-    produced = 0
-    pending = raw[start:]
-    while pending:
-        piece = inflater.decompress(pending, 1 << 22)
-        produced += len(piece)
-        if produced > limits.max_inflated_bytes:
-            raise DecodeLimitExceeded(
-                f"deflated dataset inflates beyond {limits.max_inflated_bytes} bytes"
-            )
-        parts.append(piece)
-        pending = inflater.unconsumed_tail
-    parts.append(inflater.flush())
-    ds = _parse_dataset(io.BytesIO(b"".join(parts)), is_implicit_VR=False, is_little_endian=True)
+class _Inflater:
+    """Inflates the deflated body of a file on demand, never more than asked for."""
+
+    def __init__(self, path: Path, meta: FileMetaDataset) -> None:
+        self._path = path
+        # preamble (128) + "DICM" (4) + the group length element (12) + the rest of group 0002
+        self._offset = 132 + 12 + int(meta.FileMetaInformationGroupLength)
+
+    def read(self, upto: int) -> tuple[bytearray, bool]:
+        """The first ``upto`` inflated bytes (fewer at the end), and whether that is all."""
+        out = bytearray()
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        with open(self._path, "rb") as fh:
+            fh.seek(self._offset)
+            pending = b""
+            while len(out) < upto:
+                if not pending:
+                    pending = fh.read(1 << 16)
+                    if not pending:
+                        out += inflater.flush()
+                        return out, True
+                out += inflater.decompress(pending, upto - len(out))
+                pending = inflater.unconsumed_tail
+                if inflater.eof:
+                    return out, True
+            return out, inflater.eof or (not pending and not fh.read(1))
+
+
+def _parse(data: bytes, stop_at_pixels: bool) -> tuple[Dataset, bool]:
+    seen = [False]
+
+    def at_pixels(tag: object, _vr: object, _length: int) -> bool:
+        if int(tag) in _PIXEL_TAGS:  # type: ignore[call-overload]
+            seen[0] = True
+        return stop_at_pixels and seen[0]
+
+    ds = _parse_dataset(
+        io.BytesIO(data), is_implicit_VR=False, is_little_endian=True, stop_when=at_pixels
+    )
+    return ds, seen[0]
+
+
+def _with_meta(ds: Dataset, meta: FileMetaDataset) -> Dataset:
     plain = FileMetaDataset(meta)
     plain.TransferSyntaxUID = ExplicitVRLittleEndian  # the body is inflated now
     ds.file_meta = plain
     ds.set_original_encoding(False, True)
     return ds
+
+
+def _deflated_header(path: Path, meta: FileMetaDataset) -> Dataset:
+    """Inflate only up to Pixel Data (1 MiB, then 4x more up to the header cap); the
+    inflated prefix is dropped once parsed."""
+    inflater = _Inflater(path, meta)
+    want = 1 << 20
+    while True:
+        data, complete = inflater.read(want)
+        try:
+            ds, at_pixels = _parse(bytes(data), stop_at_pixels=True)
+        except (EOFError, ValueError):
+            if complete:
+                raise
+            at_pixels = False
+        if at_pixels or complete:
+            return _with_meta(ds, meta)
+        if want >= _HEADER_BYTES:
+            raise DecodeLimitExceeded(f"header of a deflated dataset exceeds {_HEADER_BYTES} bytes")
+        want *= 4
+
+
+def _read_deflated(
+    path: Path, meta: FileMetaDataset, header: Dataset, limits: DecodeLimits
+) -> Dataset:
+    """Inflate the whole dataset, at most what its header declares (a deflate bomb in Pixel
+    Data is refused at that size, not at the global cap), then parse it."""
+    cap = limits.max_inflated_bytes
+    if "Rows" in header:
+        check_limits(header, limits)
+        declared = (
+            int(header.Rows)
+            * int(header.Columns)
+            * int(header.get("NumberOfFrames", 1) or 1)
+            * int(header.get("SamplesPerPixel", 1) or 1)
+            * max(int(header.BitsAllocated), 8)
+            // 8
+        )
+        cap = min(cap, declared + _HEADER_BYTES)
+    data, complete = _Inflater(path, meta).read(cap + 1)
+    if len(data) > cap or not complete:
+        raise DecodeLimitExceeded(f"deflated dataset inflates beyond {cap} bytes")
+    body = bytes(data)
+    del data
+    ds, _ = _parse(body, stop_at_pixels=False)
+    return _with_meta(ds, meta)

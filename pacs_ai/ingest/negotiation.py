@@ -8,7 +8,7 @@ before anything else is read. Codecs and context negotiation come from pynetdico
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pydicom.uid import (
     HTJ2K,
@@ -109,9 +109,6 @@ class Negotiated:
     contexts: dict[int, AcceptedContext]
     peer_max_pdu: int  # 0 = no limit
     ac_pdu: bytes
-    rejected_contexts: int = 0
-    peer_implementation: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 def decode_request(body: bytes) -> A_ASSOCIATE:
@@ -197,6 +194,4 @@ def negotiate(
         contexts=accepted,
         peer_max_pdu=int(rq.maximum_length_received or 0),
         ac_pdu=pdu.encode(),
-        rejected_contexts=len(results) - len(accepted),
-        peer_implementation=str(rq.implementation_class_uid or ""),
     )

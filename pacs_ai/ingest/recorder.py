@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,9 @@ from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, upd
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
+from pacs_ai.db.events import write_audit
 from pacs_ai.db.models import (
     Association,
-    AuditEvent,
     Instance,
     Series,
     SeriesState,
@@ -66,28 +65,6 @@ def _get_or_create(
         assert row_id is not None
         cache[uid] = row_id
     return int(row_id)
-
-
-def write_audit(
-    conn: Connection,
-    actor: str,
-    action: str,
-    outcome: str,
-    object_type: str | None = None,
-    object_id: int | None = None,
-    detail: dict[str, Any] | None = None,
-) -> None:
-    conn.execute(
-        insert(AuditEvent).values(
-            at=utcnow(),
-            actor=actor[:64],
-            action=action,
-            outcome=outcome,
-            object_type=object_type,
-            object_id=object_id,
-            detail=json.dumps(detail, sort_keys=True) if detail else None,
-        )
-    )
 
 
 class IngestRecorder:

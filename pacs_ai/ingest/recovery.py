@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, select, update
 
+from pacs_ai.db.events import write_audit
 from pacs_ai.db.models import Association, Instance, utcnow
-from pacs_ai.ingest.recorder import write_audit
 from pacs_ai.ingest.spool import Spool, dataset_sha256
 
 log = logging.getLogger(__name__)

@@ -60,7 +60,7 @@ from pacs_ai.db.models import (
     StudyState,
     utcnow,
 )
-from pacs_ai.ingest.recorder import write_audit
+from pacs_ai.db.events import write_audit
 
 log = logging.getLogger(__name__)
 

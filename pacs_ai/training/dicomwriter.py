@@ -8,7 +8,6 @@ gating read them, and because a PACS receiving our test data must accept it.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -319,7 +318,3 @@ def ct_series(
 def write(ds: Dataset, path: str | bytes | object) -> None:
     """Write ``ds`` in the DICOM file format (preamble + File Meta)."""
     ds.save_as(path, enforce_file_format=True)  # type: ignore[arg-type]
-
-
-def ordered_positions(datasets: Sequence[Dataset]) -> list[float]:
-    return [float(ds.ImagePositionPatient[2]) for ds in datasets]

@@ -39,7 +39,7 @@ def toml_dumps(data: dict[str, Any]) -> str:
 
 
 def write_config(settings: Settings, path: Path) -> Path:
-    data = settings.model_dump(mode="json", exclude={"source"}, exclude_none=True)
+    data = settings.model_dump(mode="json", exclude_none=True, exclude={"source"})
     path.write_text(toml_dumps(data))
     return path
 

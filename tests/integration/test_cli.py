@@ -42,7 +42,12 @@ def test_send_echo_and_audit(
     assert main(["send", "127.0.0.1", port, str(files[0]), "--aet", "NOT_ALLOWED"]) == 1
     assert "association rejected (1,1,3)" in capsys.readouterr().out
 
-    wait_for(lambda: svc.assembler.sweep() is not None and _ready(cfg, capsys) == 2, timeout=10)
+    def swept_and_ready() -> bool:
+        assert svc.assembler is not None
+        svc.assembler.sweep()
+        return _ready(cfg, capsys) == 2
+
+    wait_for(swept_and_ready, timeout=10, what="2 ready studies")
 
     assert main(["audit", "associations", "-c", cfg, "--format", "json"]) == 0
     assocs = json.loads(capsys.readouterr().out)

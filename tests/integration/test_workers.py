@@ -10,7 +10,8 @@ from sqlalchemy import func, select
 
 from pacs_ai.db.models import Job, JobState, Report, Study, StudyState
 from pacs_ai.delivery.outbox import Outbox
-from pacs_ai.pipeline import ModelProvider, Pipeline
+from pacs_ai.pipeline import Pipeline
+from pacs_ai.scoring_worker import ScoringWorker
 from pacs_ai.training import dicomwriter as dw
 from pacs_ai.training.phantoms import cxr_phantom
 from tests.conftest import wait_for, write_all
@@ -34,14 +35,14 @@ def test_workers_on_postgres_never_double_process(
             return int(c.scalar(stmt) or 0)
 
     wait_for(lambda: ready() == 8, timeout=30, what="8 ready studies")
-    models = ModelProvider(svc.settings)
-    models.get("cxr")
+    scorer = ScoringWorker(svc.settings)  # one scoring child shared by the three claimers
+    scorer.start()
     workers = [
         Pipeline(
             svc.engine,
             svc.settings,
             Outbox(svc.engine, svc.settings),
-            models,
+            scorer,
             worker_id=f"worker-{i}",
         )
         for i in range(3)
@@ -59,6 +60,7 @@ def test_workers_on_postgres_never_double_process(
         t.start()
     for t in threads:
         t.join(timeout=300)
+    scorer.stop()
     with svc.engine.connect() as c:
         jobs = c.execute(select(Job.study_id, Job.state, Job.claimed_by)).all()
         reports = c.execute(

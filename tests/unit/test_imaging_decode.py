@@ -13,9 +13,9 @@ from pydicom.encaps import get_frame
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pacs_ai.errors import DecodeLimitExceeded, ImagingError
+from pacs_ai.imaging.codestream import FrameSize, codestream_frame_size
 from pacs_ai.imaging.decode import (
     DecodeLimits,
-    codestream_size,
     read_dataset,
     read_header,
     stored_values,
@@ -163,17 +163,17 @@ def test_deflate_stream_is_genuinely_deflated(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "size"),
     [
-        ("RG1_J2KR.dcm", (1955, 1841)),
-        ("JPEG-LL.dcm", (1024, 256)),
-        ("JPGExtended.dcm", None),
-        ("MR_small_jpeg_ls_lossless.dcm", (64, 64)),
+        ("RG1_J2KR.dcm", FrameSize(1955, 1841, 1, 15)),
+        ("JPEG-LL.dcm", FrameSize(1024, 256, 1, 16)),
+        ("JPGExtended.dcm", FrameSize(1024, 256, 1, 12)),
+        ("MR_small_jpeg_ls_lossless.dcm", FrameSize(64, 64, 1, 16)),
+        ("SC_rgb_jpeg_dcmtk.dcm", FrameSize(100, 100, 3, 8)),
     ],
 )
-def test_codestream_size_is_read_without_decoding(name: str, size: tuple[int, int] | None) -> None:
+def test_codestream_frame_size_is_read_without_decoding(name: str, size: FrameSize) -> None:
     ds = read_dataset(_data(name))
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    found = codestream_size(bytes(get_frame(ds.PixelData, 0, number_of_frames=frames)[:65536]))
-    assert found == (size or (int(ds.Rows), int(ds.Columns)))
+    assert codestream_frame_size(get_frame(ds.PixelData, 0, number_of_frames=frames)) == size
 
 
 def test_codestream_larger_than_header_is_refused() -> None:
@@ -181,3 +181,69 @@ def test_codestream_larger_than_header_is_refused() -> None:
     ds.Rows, ds.Columns = 100, 100  # the codestream still says 1955 x 1841
     with pytest.raises(DecodeLimitExceeded, match="codestream declares 1955x1841"):
         stored_values(ds)
+
+
+def _jpeg_with_late_huge_frame(small: bytes) -> bytes:
+    """A real JPEG whose SOF follows 200 KiB of APP segments, plus a second SOF declaring
+    60000 x 60000 after the first scan: the header-only prefix check missed both."""
+    sof = small.index(b"\xff\xc3")  # JPEG-LL.dcm is lossless (SOF3)
+    pad = b"".join(b"\xff\xe1" + (65535).to_bytes(2, "big") + bytes(65533) for _ in range(3))
+    huge = b"\xff\xc3\x00\x0b\x10" + (60000).to_bytes(2, "big") * 2 + b"\x01\x01\x11\x00"
+    body = small[2:sof] + small[sof:-2]
+    return b"\xff\xd8" + pad + body + huge + b"\xff\xd9"
+
+
+def test_frame_header_anywhere_in_the_frame_is_found() -> None:
+    ds = read_dataset(_data("JPEG-LL.dcm"))
+    frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    found = codestream_frame_size(_jpeg_with_late_huge_frame(frame))
+    assert found == FrameSize(60000, 60000, 1, 16)
+
+
+def test_j2k_siz_declaring_more_than_the_header_is_refused(tmp_path: Path) -> None:
+    ds = read_dataset(_data("RG1_J2KR.dcm"))
+    frame = bytearray(get_frame(ds.PixelData, 0, number_of_frames=1))
+    at = frame.index(b"\xff\x51")
+    frame[at + 6 : at + 14] = (40000).to_bytes(4, "big") * 2  # Xsiz, Ysiz
+    assert codestream_frame_size(frame) == FrameSize(40000, 40000, 1, 15)
+    ds.PixelData = pydicom.encaps.encapsulate([bytes(frame)])
+    with pytest.raises(DecodeLimitExceeded, match="codestream declares 40000x40000"):
+        stored_values(ds)
+
+
+def test_compressed_frame_without_frame_header_is_refused() -> None:
+    ds = read_dataset(_data("JPEG-LL.dcm"))
+    ds.PixelData = pydicom.encaps.encapsulate([b"\x00" * 64])
+    with pytest.raises(DecodeLimitExceeded, match="no frame header"):
+        stored_values(ds)
+
+
+def test_deflated_header_read_inflates_only_up_to_pixel_data(tmp_path: Path) -> None:
+    ds = dw.xray_image(np.zeros((8, 8)), modality="CR")
+    ds.Rows = ds.Columns = 16384  # a 512 MiB deflate bomb in Pixel Data
+    ds.PixelData = bytes(16384 * 16384 * 2)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = tmp_path / "bomb.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    del ds
+    assert path.stat().st_size < 1_000_000
+    import tracemalloc
+
+    tracemalloc.start()
+    header = read_header(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert header.Rows == 16384 and "PixelData" not in header
+    assert peak < 16 * 1024**2
+    with pytest.raises(DecodeLimitExceeded):
+        read_dataset(path, DecodeLimits(max_decoded_bytes=64 * 1024**2))
+
+
+def test_deflated_pixel_data_longer_than_declared_is_refused(tmp_path: Path) -> None:
+    ds = dw.xray_image(np.zeros((64, 64)), modality="CR")
+    ds.PixelData = bytes(200 * 1024**2)  # header says 64x64: 8 KiB
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = tmp_path / "long.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(DecodeLimitExceeded, match="inflates beyond"):
+        read_dataset(path)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from pacs_ai.db.models import Association, AuditEvent, Instance, Series, Study
 from pacs_ai.db.session import make_engine, upgrade
 from pacs_ai.errors import OutOfResources
 from pacs_ai.ingest.recovery import recover
-from pacs_ai.ingest.spool import Spool, part10_header
+from pacs_ai.ingest.spool import Spool, dataset_sha256, part10_header
 
 
 def test_commit_names_by_hash_and_discard(tmp_path: Path) -> None:
@@ -107,4 +106,5 @@ def test_recovery_quarantines_orphans_and_closes_associations(tmp_path: Path) ->
     assert {"orphan_quarantined", "instance_file_missing", "recovery"} <= actions
     assert recover(spool, engine) == type(report)(0, 0, 1, 0)  # idempotent
     engine.dispose()
-    assert os.access(spool.quarantine_dir, os.W_OK)
+    quarantined = spool.quarantine_dir / f"{orphan_file.sha256}.dcm"
+    assert dataset_sha256(quarantined) == orphan_file.sha256  # moved intact, never rewritten
