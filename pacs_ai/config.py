@@ -550,7 +550,7 @@ def settings_from_dict(
     from_env: Mapping[tuple[str, ...], str] | None = None,
 ) -> Settings:
     try:
-        settings = Settings.model_validate(data)
+        settings = Settings.model_validate({**data, "source": Path(origin)})
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, origin, from_env)) from exc
     return _resolve_paths(settings, base)

@@ -174,6 +174,8 @@ class AmbiguousStudy(PacsAiError):
     def __init__(self, message: str, count: int) -> None:
         super().__init__(message)
         self.count = count
+
+
 # --- the scoring worker and error text --------------------------------------------------------
 
 

@@ -210,7 +210,9 @@ class Pipeline:
     ) -> list[BuiltReport]:
         from pacs_ai.reporting import output
 
-        reports_dir = output.study_folder(self._settings.reports.path, self._clock(), claim.study_id)
+        reports_dir = output.study_folder(
+            self._settings.reports.path, self._clock(), claim.study_id
+        )
         built: list[BuiltReport] = []
         for key in sorted(analysis.models):
             results = [s for s in analysis.series if s.model == key and s.score is not None]

@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 
 from pacs_ai.codes import Code
 from pacs_ai.config import Settings
-from pacs_ai.errors import NotApplicable, PacsAiError
+from pacs_ai.errors import NotApplicable
 from pacs_ai.imaging.decode import read_header
 from pacs_ai.routing import decide
 

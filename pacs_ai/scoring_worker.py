@@ -54,6 +54,7 @@ class ScoringWorker:
         self._ready = False
         self._models: list[ModelSummary] = []
         self._closed = False
+        self._starts = 0
         self._lock = threading.Lock()
 
     @property
@@ -133,7 +134,13 @@ class ScoringWorker:
         proc.start()
         child_end.close()
         self._proc, self._conn, self._ready = proc, parent_end, False
-        log.info("scoring worker started (pid %s)", proc.pid)
+        # The first start is part of the start-up summary; a restart is news.
+        log.log(
+            logging.INFO if self._starts else logging.DEBUG,
+            "scoring worker started (pid %s)",
+            proc.pid,
+        )
+        self._starts += 1
 
     def _receive(self, deadline: float, timeout: float) -> tuple[Any, ...]:
         assert self._conn is not None and self._proc is not None

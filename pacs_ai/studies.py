@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 from sqlalchemy import Engine, update
 
+from pacs_ai.db.events import write_audit
 from pacs_ai.db.lookup import StudyRef, find_study
 from pacs_ai.db.models import Study, StudyState, utcnow
 from pacs_ai.errors import PacsAiError
-from pacs_ai.db.events import write_audit
 
 # A study still receiving, waiting or being scored gets its (next) run anyway.
 RERUNNABLE = frozenset(

@@ -48,6 +48,7 @@ from sqlalchemy import (
 )
 
 from pacs_ai.config import Settings
+from pacs_ai.db.events import write_audit
 from pacs_ai.db.models import (
     Association,
     AuditEvent,
@@ -60,7 +61,6 @@ from pacs_ai.db.models import (
     StudyState,
     utcnow,
 )
-from pacs_ai.db.events import write_audit
 
 log = logging.getLogger(__name__)
 

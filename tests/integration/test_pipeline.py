@@ -4,6 +4,9 @@ late instances re-run the study with a predecessor reference, admin re-queue of 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 from pathlib import Path
 
 import pydicom
@@ -21,7 +24,7 @@ from pacs_ai.db.models import (
     Study,
     StudyState,
 )
-from pacs_ai.errors import ModelError
+from pacs_ai.inference import resolve_model_dir
 from pacs_ai.service import Service
 from pacs_ai.training import dicomwriter as dw
 from tests.conftest import wait_for, write_all
@@ -37,18 +40,19 @@ def _state(svc: Service, uid: str) -> StudyState | None:
 
 
 def test_model_error_is_retried_then_dead_lettered(
-    start_service: ServiceFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    start_service: ServiceFactory, tmp_path: Path
 ) -> None:
-    # A model that does not load refuses the start (test_startup.py); one that fails while
-    # scoring (an error, out of memory) fails the job.
+    # A model that does not load refuses the start (test_startup.py). One that breaks while
+    # the service runs (its files replaced, the scoring worker restarted) fails each job.
+    model = tmp_path / "cxr-model"
+    shutil.copytree(resolve_model_dir("bundled:cxr"), model)
     svc = start_service(
-        pipeline={"enabled": True, "poll_seconds": 0.2, "retry_seconds": [0.3, 0.3]}
+        pipeline={"enabled": True, "poll_seconds": 0.2, "retry_seconds": [0.3, 0.3]},
+        inference={"cxr_model": str(model)},
     )
-
-    def failing(*_args: object, **_kwargs: object) -> None:
-        raise ModelError("scoring failed")
-
-    monkeypatch.setattr(svc.models.get("cxr"), "score_series", failing)
+    (model / "card.json").write_text("{not json")
+    assert svc.pipeline is not None and svc.pipeline.scorer.pid is not None
+    os.kill(svc.pipeline.scorer.pid, signal.SIGKILL)
     dx = chest_dx("normal", seed=11)
     storescu(svc, write_all([dx], tmp_path / "dx"))
     wait_for(lambda: _state(svc, dx.StudyInstanceUID) == StudyState.FAILED, timeout=30)
