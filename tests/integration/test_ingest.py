@@ -118,6 +118,10 @@ def test_duplicates_same_bytes_and_conflicts(start_service: ServiceFactory, db_u
     changed = dx_dataset(seed=5)
     changed.SOPInstanceUID = ds.SOPInstanceUID
     changed.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    # The same instance under another study is an identity collision: refused.
+    assert store(svc, [changed]) == [0xC006]
+    changed.StudyInstanceUID = ds.StudyInstanceUID
+    changed.SeriesInstanceUID = ds.SeriesInstanceUID
     assert store(svc, [changed]) == [0]  # different bytes: kept both, flagged
     with svc.engine.connect() as c:
         rows = c.execute(select(Instance.id, Instance.conflicts_with_id, Instance.path)).all()
