@@ -59,17 +59,26 @@ def check_uid(value: object, name: str) -> str:
     return uid
 
 
+def _get(ds: Dataset, keyword: str) -> object:
+    """An element's value; a value pydicom cannot convert (impossible length for its VR,
+    undecodable text) is an unparseable dataset, not an internal error."""
+    try:
+        return ds.get(keyword)
+    except Exception as exc:
+        raise InvalidDataset(f"{keyword} cannot be read: {exc.__class__.__name__}") from exc
+
+
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
-    value = ds.get(keyword)
+    value = _get(ds, keyword)
     if value is None or value == "":
         return None
     return str(value)[:limit]
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
+    value = _get(ds, keyword)
     try:
-        value = ds.get(keyword)
-        return int(value) if value not in (None, "") else None
+        return int(value) if value not in (None, "") else None  # type: ignore[call-overload]
     except (TypeError, ValueError):
         return None
 
@@ -175,12 +184,12 @@ def read_and_validate(
     walked = walk_file(path, ts, limits)
     ds = _header_dataset(walked)
 
-    sop_class = check_uid(ds.get("SOPClassUID"), "SOPClassUID")
-    sop_instance = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+    sop_class = check_uid(_get(ds, "SOPClassUID"), "SOPClassUID")
+    sop_instance = check_uid(_get(ds, "SOPInstanceUID"), "SOPInstanceUID")
     if sop_class != command_sop_class or sop_instance != command_sop_instance:
         raise DatasetMismatch("dataset SOP Class/Instance UID differ from the C-STORE command")
-    study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-    series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+    study_uid = check_uid(_get(ds, "StudyInstanceUID"), "StudyInstanceUID")
+    series_uid = check_uid(_get(ds, "SeriesInstanceUID"), "SeriesInstanceUID")
     modality = _text(ds, "Modality", 16)
     if not modality:
         raise MissingAttribute("Modality is missing or empty")
