@@ -137,7 +137,10 @@ def quiet_third_party() -> None:
 
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
-    for name in ("pynetdicom", "apscheduler", "alembic", "highdicom", "sqlalchemy.engine"):
+    for name in (
+        *("pynetdicom", "apscheduler", "alembic", "highdicom", "sqlalchemy.engine"),
+        *("pylibjpeg", "openjpeg", "libjpeg", "PIL"),
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
     # pydicom logs and warns with raw element values (names, UIDs) while parsing.
     logging.getLogger("pydicom").setLevel(logging.ERROR)

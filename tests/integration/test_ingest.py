@@ -353,9 +353,7 @@ def test_unexpected_errors_answer_0110_and_the_association_goes_on(
     raw.close()
     with svc.engine.connect() as c:
         assert c.scalars(select(Instance.sop_instance_uid)).all() == [good.SOPInstanceUID]
-        detail = c.scalar(
-            select(AuditEvent.detail).where(AuditEvent.action == "instance_refused")
-        )
+        detail = c.scalar(select(AuditEvent.detail).where(AuditEvent.action == "instance_refused"))
     assert detail is not None and '"status": "0x0110"' in detail
     assert exc.__class__.__name__ in detail and "Doe" not in detail
     assert len(list((svc.spool.root / "objects").rglob("*.dcm"))) == 1

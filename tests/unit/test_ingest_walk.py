@@ -109,7 +109,8 @@ def test_walk_refuses_elements_running_past_the_end() -> None:
     with pytest.raises(IncompleteDataset):
         _walk(open_sq + item)
     with pytest.raises(InvalidDataset):
-        _walk(struct.pack("<HH2sH", 0x0010, 0x0010, b"PN", 2) + b"ab" + b"\x10\x00\x20\x00ZZ\x02\x00ab")
+        unknown_vr = b"\x10\x00\x20\x00ZZ\x02\x00ab"
+        _walk(struct.pack("<HH2sH", 0x0010, 0x0010, b"PN", 2) + b"ab" + unknown_vr)
 
 
 def test_message_assembler_order_rules() -> None:
@@ -123,7 +124,8 @@ def test_message_assembler_order_rules() -> None:
     assert [e[0] for e in events] == [COMMAND] and asm.in_message
     events = list(asm.feed(body(pdata(1, 0x00, b"ab"))))
     events += list(asm.feed(body(pdata(1, 0x02, b"cd"))))
-    assert [(e[0], bytes(e[2]), e[3]) for e in events] == [(DATA, b"ab", False), (DATA, b"cd", True)]
+    fragments = [(e[0], bytes(e[2]), e[3]) for e in events]
+    assert fragments == [(DATA, b"ab", False), (DATA, b"cd", True)]
     assert not asm.in_message
     with pytest.raises(ProtocolError):
         list(asm.feed(body(pdata(1, 0x02, b"x"))))  # dataset before a command
@@ -139,7 +141,9 @@ def test_redacting_filter_and_tracebacks() -> None:
     )
     assert RedactingFilter().filter(record)
     assert record.getMessage() == f"Invalid value {uid_ref(uid)} for '…'"
-    own = logging.LogRecord("pacs_ai.x", logging.INFO, __file__, 1, "from 127.0.0.1 %s", (uid,), None)
+    own = logging.LogRecord(
+        "pacs_ai.x", logging.INFO, __file__, 1, "from 127.0.0.1 %s", (uid,), None
+    )
     RedactingFilter().filter(own)
     assert own.getMessage() == f"from 127.0.0.1 {uid_ref(uid)}"
     try:
