@@ -92,10 +92,10 @@ class InflatingSource:
 
     def _more(self) -> bool:
         """Inflate the next chunk into the buffer; False at the end of the stream."""
-        while True:
+        while not self._inflater.eof:
             pending = self._inflater.unconsumed_tail
             if not pending:
-                if self._input_done or self._inflater.eof:
+                if self._input_done:
                     return False
                 pending = self._f.read(_IN_CHUNK)
                 if not pending:
@@ -111,6 +111,7 @@ class InflatingSource:
                 raise InvalidDataset("deflated dataset is corrupt") from exc
             if out:
                 return self._append(out)
+        return False  # bytes after the end of the deflate stream are ignored (as pydicom does)
 
     def _append(self, out: bytes) -> bool:
         if not out:

@@ -89,6 +89,16 @@ def test_inflater_reads_what_was_deflated() -> None:
     assert src.skip(len(data) - 20) and src.read(100) == data[-10:] and src.at_end()
 
 
+def test_inflater_ends_at_the_end_of_the_deflate_stream() -> None:
+    """Bytes after the deflate stream's last block (padding, as in pydicom's image_dfl.dcm)
+    are ignored; the reader ends instead of spinning (it once did)."""
+    c = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = c.compress(b"abc" * 1000) + c.flush() + b"\x00\x00junk"
+    src = InflatingSource(io.BytesIO(deflated), 0, len(deflated), 1 << 20)
+    assert src.read(10_000) == b"abc" * 1000
+    assert src.at_end() and not src.skip(1)
+
+
 def _walk(data: bytes) -> object:
     return walk(FileSource(io.BytesIO(data), 0, len(data)), False, True, CodestreamKind.NONE)
 
