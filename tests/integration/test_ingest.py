@@ -7,6 +7,7 @@ import hashlib
 import sqlite3
 import struct
 import time
+import zlib
 from pathlib import Path
 
 import pydicom
@@ -431,3 +432,31 @@ def test_locked_database_answers_a702_within_the_busy_bound(
     assert list((svc.spool.root / "objects").rglob("*.dcm")) == []
     assert list((svc.spool.root / "tmp").iterdir()) == []
     assert count(svc, Instance) == 0
+
+
+def test_deflated_dataset_stored_as_received(start_service: ServiceFactory) -> None:
+    """Deflated Explicit VR Little Endian is walked through the capped streaming inflater and
+    stored exactly as received (still deflated); a corrupt deflate stream is 0xC000."""
+    deflated_ts = "1.2.840.10008.1.2.1.99"
+    svc = start_service()
+    raw = RawPeer("127.0.0.1", svc.server.port)  # type: ignore[union-attr]
+    result = raw.associate(SCU_AE, contexts=[(CT, [deflated_ts])])
+    assert isinstance(result, Accepted)
+    assert [ts for _, ts in result.contexts.values()] == [deflated_ts]
+    cx = next(iter(result.contexts))
+    ds, broken = ct_datasets(2, seed=5)
+    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    payload = packer.compress(encode_dataset(ds)) + packer.flush()
+    assert raw.c_store(cx, CT, ds.SOPInstanceUID, payload) == 0
+    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    corrupt = bytearray(packer.compress(encode_dataset(broken)) + packer.flush())
+    corrupt[len(corrupt) // 2 :] = bytes(len(corrupt) - len(corrupt) // 2)
+    assert raw.c_store(cx, CT, broken.SOPInstanceUID, bytes(corrupt)) == 0xC000
+    assert raw.release()
+    raw.close()
+    with svc.engine.connect() as c:
+        row = c.execute(select(Instance.sop_instance_uid, Instance.path)).one()
+    assert row.sop_instance_uid == ds.SOPInstanceUID
+    path = svc.spool.root / row.path
+    assert path.read_bytes()[-len(payload) :] == payload
+    assert pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
