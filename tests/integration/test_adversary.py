@@ -172,6 +172,7 @@ def test_idle_connections_do_not_lock_out_a_modality(start_service: ServiceFacto
     elapsed = time.monotonic() - started
     assert echo.returncode == 0, echo.stderr
     assert elapsed < 2.0, f"C-ECHO took {elapsed:.2f} s"
+    print(f"C-ECHO (dcmtk echoscu) beside 40 idle sockets: {elapsed:.3f} s")
     assert _closed(idle) == 36  # the four within the cap still wait for their request
     with svc.engine.connect() as c:
         rows = c.execute(select(Association.calling_ae, Association.accepted)).all()
@@ -199,5 +200,6 @@ def test_association_request_has_one_total_deadline(start_service: ServiceFactor
     elapsed = time.monotonic() - started
     assert _closed([raw]) == 1
     assert 1.0 <= elapsed < 1.8, f"closed after {elapsed:.2f} s"
+    print(f"trickled A-ASSOCIATE-RQ cut off after {elapsed:.3f} s (acse_timeout 1.0)")
     wait_for(lambda: end_reasons(svc) == ["timeout"], what="the request's timeout recorded")
     still_serving(svc)
