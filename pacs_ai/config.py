@@ -82,6 +82,12 @@ class DicomSettings(_Section):
     acse_timeout: PositiveSeconds = 30.0
     dimse_timeout: PositiveSeconds = 60.0
     network_timeout: PositiveSeconds = 60.0
+    # A Deflated Explicit VR dataset may inflate to at most this many times its deflated size
+    # (plus 16 MiB, and never beyond max_instance_bytes); beyond it: 0xC004 (a deflate bomb).
+    max_inflate_ratio: Annotated[float, Field(ge=1, le=1100)] = 100.0
+    # Connections from one address that have not yet sent their A-ASSOCIATE-RQ; more are
+    # closed at once, so idle connections cannot crowd out modalities from other addresses.
+    max_pending_per_address: Annotated[int, Field(ge=1, le=1000)] = 4
 
     _ae = field_validator("ae_title")(validate_ae_title)
 
@@ -151,6 +157,9 @@ class StorageSettings(_Section):
 class DatabaseSettings(_Section):
     url: str = "sqlite:///var/pacs-ai.db"
     echo: bool = False
+    # How long a statement waits for a lock (SQLite busy timeout, PostgreSQL lock_timeout and
+    # connect timeout); a C-STORE whose row cannot be written within it is answered 0xA702.
+    busy_timeout_seconds: Annotated[float, Field(gt=0, le=10)] = 5.0
 
     @field_validator("url")
     @classmethod

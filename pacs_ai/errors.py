@@ -112,7 +112,33 @@ class SpoolIOError(StoreError):
 
 
 class DatabaseUnavailable(StoreError):
-    """The database could not record the instance."""
+    """The database could not record the instance (down, or busy past
+    ``database.busy_timeout_seconds``)."""
+
+
+class IncompleteDataset(InvalidDataset):
+    """An element (header or value) runs past the end of the dataset."""
+
+
+class InflateLimitExceeded(ImageTooLarge):
+    """A deflated dataset inflates beyond ``dicom.max_instance_bytes`` or
+    ``dicom.max_inflate_ratio`` (a decompression bomb)."""
+
+
+class CodestreamMismatch(StoreError):
+    """No frame size found in the first compressed fragment, or a frame header (JPEG SOFn,
+    JPEG-LS SOF55/LSE, JPEG 2000 SIZ) disagrees with Rows/Columns/samples/bits."""
+
+
+class IdentityConflict(StoreError):
+    """A Series or SOP Instance UID already known under another study, or a Study UID
+    already known for another patient."""
+
+
+class UnexpectedStoreError(StoreError):
+    """Anything not foreseen while receiving, validating or recording (a parser's
+    ValueError, struct.error, MemoryError...): answered 0x0110, message holds only the
+    exception class."""
 
 
 # Warning/failure statuses per PS3.4 Annex B (Storage Service Class) and PS3.7 Annex C.
@@ -128,6 +154,9 @@ _STATUS: dict[type[StoreError], int] = {
     OutOfResources: 0xA700,
     SpoolIOError: 0xA701,
     DatabaseUnavailable: 0xA702,
+    CodestreamMismatch: 0xC005,
+    IdentityConflict: 0xC006,
+    UnexpectedStoreError: STATUS_PROCESSING_FAILURE,
 }
 
 

@@ -19,19 +19,23 @@ from pacs_ai.config import DatabaseSettings
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    if not isinstance(dbapi_conn, sqlite3.Connection):
-        return
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.close()
+def _sqlite_pragmas(busy_ms: int) -> Any:
+    def apply(dbapi_conn: Any, _record: Any) -> None:
+        if not isinstance(dbapi_conn, sqlite3.Connection):
+            return
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={busy_ms}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return apply
 
 
 def make_engine(settings: DatabaseSettings) -> Engine:
     url = settings.url
+    busy = settings.busy_timeout_seconds
     if url.startswith("sqlite"):
         path = url.removeprefix("sqlite:///")
         if path and path != ":memory:":
@@ -39,11 +43,23 @@ def make_engine(settings: DatabaseSettings) -> Engine:
         engine = create_engine(
             url,
             echo=settings.echo,
-            connect_args={"timeout": 30, "check_same_thread": False},
+            connect_args={"timeout": busy, "check_same_thread": False},
         )
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas(int(busy * 1000)))
         return engine
-    return create_engine(url, echo=settings.echo, pool_pre_ping=True, pool_size=10)
+    # A lock wait or an unreachable server fails within the bound instead of stalling the
+    # C-STORE past the sender's DIMSE timeout.
+    return create_engine(
+        url,
+        echo=settings.echo,
+        pool_pre_ping=True,
+        pool_size=10,
+        pool_timeout=busy,
+        connect_args={
+            "connect_timeout": max(1, round(busy)),
+            "options": f"-c lock_timeout={int(busy * 1000)}",
+        },
+    )
 
 
 def alembic_config(url: str) -> Any:

@@ -1,154 +1,299 @@
-"""What a JPEG / JPEG-LS / JPEG 2000 codestream declares, read without decoding.
+"""Frame sizes declared inside JPEG, JPEG-LS and JPEG 2000 (incl. HTJ2K) codestreams.
 
-Decoders allocate what the codestream's frame header says, not what the DICOM header says, so
-this is the decompression-bomb check for compressed pixel data. The walk follows segment
-lengths marker by marker through the whole buffer (no fixed prefix), so a frame header cannot
-hide behind large application segments, and every frame header found counts (the largest
-wins), so a small first one cannot cover a huge later one.
+Decoders allocate what the codestream declares, not what the DICOM header says, so ingest
+(streaming from the spool file) and the pipeline's decoder (:func:`codestream_frame_size`, in
+memory) read every frame header in a compressed fragment and compare it with Rows/Columns/
+samples/bits. The walk follows marker segments by their lengths and, inside entropy-coded data,
+searches for the next marker, through the *whole* fragment: a second frame header placed
+late in the stream (after padding or scan data) is found wherever it sits (DESIGN.md §6.11).
+
+Pure functions over a forward-only byte reader; nothing is decoded and memory stays at one
+read chunk whatever the fragment's size.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import io
+from dataclasses import dataclass
+from typing import Protocol
 
+_CHUNK = 256 * 1024
 
-class FrameSize(NamedTuple):
-    """The largest geometry a codestream declares: rows, columns, components (samples per
-    pixel) and sample precision in bits."""
-
-    rows: int
-    columns: int
-    samples: int
-    precision: int
-
-
-# JPEG start-of-frame markers (all processes), DHP (hierarchical) and JPEG-LS SOF55.
-_SOF = frozenset(
-    {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), 0xCD, 0xCE, 0xCF, 0xDE, 0xF7}
+# JPEG frame headers: SOF0-3, 5-7, 9-11, 13-15, SOF55 (JPEG-LS) and DHP (hierarchical).
+_JPEG_FRAME = frozenset(
+    {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), 0xCD, 0xCE, 0xCF, 0xF7, 0xDE}
 )
-_STANDALONE = frozenset({0x01, *range(0xD0, 0xDA)})  # TEM, RSTn, SOI, EOI: no length
-_SOS = 0xDA
-_J2K_SOC = b"\xff\x4f"
-_J2K_SIZ = 0xFF51
-_J2K_SOT = 0xFF90
-_J2K_EOC = 0xFFD9
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length field
+_SOI, _EOI, _SOS, _LSE = 0xD8, 0xD9, 0xDA, 0xF8
+_J2K_SOC, _J2K_SIZ, _J2K_SOT, _J2K_EOC = 0x4F, 0x51, 0x90, 0xD9
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 
 
-def codestream_frame_size(data: bytes | bytearray | memoryview) -> FrameSize | None:
-    """The frame size a JPEG/JPEG-LS (SOFn), JPEG 2000 (SIZ, raw or in a JP2 file) codestream
-    declares; over several frame headers, the largest of each field. None when the buffer is
-    not such a codestream or no frame header is found in it (callers refuse that)."""
-    buf = data if isinstance(data, bytes) else bytes(data)
-    if buf[:2] == b"\xff\xd8":
-        return _jpeg(buf)
-    if buf[:12] == _JP2_SIGNATURE:
-        inner = _jp2_codestream(buf)
-        return None if inner is None else _j2k(inner)
-    if buf[:2] == _J2K_SOC:
-        return _j2k(buf)
-    return None
+class CodestreamError(Exception):
+    """The codestream cannot be walked (not the expected format, or malformed)."""
 
 
-def _be(buf: bytes, at: int, n: int) -> int:
-    return int.from_bytes(buf[at : at + n], "big")
+@dataclass(frozen=True)
+class FrameSize:
+    rows: int
+    columns: int
+    components: int
+    bits: int  # sample precision (JPEG P, JPEG 2000 Ssiz + 1; the largest component)
 
 
-def _largest(found: list[FrameSize]) -> FrameSize | None:
-    if not found:
-        return None
-    return FrameSize(*(max(f[k] for f in found) for k in range(4)))
+class ByteReader(Protocol):
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; fewer only at the end."""
+        ...
 
 
-def _jpeg(buf: bytes) -> FrameSize | None:
-    found: list[FrameSize] = []
-    end = len(buf)
-    i = 2
-    while i + 1 < end:
-        if buf[i] != 0xFF:
-            return _largest(found)  # not at a marker: malformed, stop with what we have
-        code = buf[i + 1]
-        if code == 0xFF:  # fill byte
-            i += 1
-            continue
-        if code in _STANDALONE:
-            if code == 0xD9:  # EOI
-                break
-            i += 2
-            continue
-        if i + 4 > end:
-            break
-        length = _be(buf, i + 2, 2)
-        if length < 2:
-            break
-        if code in _SOF and i + 10 <= end:
-            # FF Cn, Lf(2), P(1), Y(2), X(2), Nf(1)
-            found.append(FrameSize(_be(buf, i + 5, 2), _be(buf, i + 7, 2), buf[i + 9], buf[i + 4]))
-        i += 2 + length
-        if code == _SOS:
-            i = _skip_entropy_coded(buf, i)
-    return _largest(found)
+class _Cursor:
+    """Buffered forward reader over at most ``limit`` bytes of ``src``."""
+
+    def __init__(self, src: ByteReader, limit: int) -> None:
+        self._src = src
+        self._left = limit  # not yet pulled from src
+        self._buf = b""
+        self._pos = 0
+
+    def _fill(self, need: int) -> bool:
+        """Make at least ``need`` unread bytes available; False at the end."""
+        while len(self._buf) - self._pos < need:
+            if self._left <= 0:
+                return False
+            data = self._src.read(min(_CHUNK, self._left))
+            if not data:
+                self._left = 0
+                return False
+            self._left -= len(data)
+            self._buf = self._buf[self._pos :] + data
+            self._pos = 0
+        return True
+
+    def at_end(self) -> bool:
+        return not self._fill(1)
+
+    def available(self) -> int:
+        self._fill(2)
+        return len(self._buf) - self._pos
+
+    def unread(self, data: bytes) -> None:
+        self._buf = data + self._buf[self._pos :]
+        self._pos = 0
+
+    def read(self, n: int) -> bytes:
+        if not self._fill(n):
+            raise CodestreamError("codestream ends inside a marker segment")
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+    def skip(self, n: int) -> bool:
+        """Skip ``n`` bytes; False when fewer were left (the cursor is then at the end)."""
+        while n > 0:
+            available = len(self._buf) - self._pos
+            if available >= n:
+                self._pos += n
+                return True
+            n -= available
+            self._buf, self._pos = b"", 0
+            if not self._fill(1):
+                return False
+        return True
+
+    def next_jpeg_marker(self, jpeg_ls: bool) -> int | None:
+        """Scan entropy-coded data (or junk) for the next marker code; None at the end.
+
+        JPEG stuffs 0xFF as FF00 and has RSTn; JPEG-LS bit-stuffs, so a marker is 0xFF
+        followed by a byte with its high bit set.
+        """
+        while True:
+            if not self._fill(2):
+                self.skip(len(self._buf) - self._pos)
+                return None
+            at = self._buf.find(b"\xff", self._pos)
+            if at < 0 or at == len(self._buf) - 1:
+                keep = 1 if at == len(self._buf) - 1 else 0
+                self._pos = len(self._buf) - keep
+                if not self._fill(keep + 1):
+                    self._pos = len(self._buf)
+                    return None
+                continue
+            code = self._buf[at + 1]
+            self._pos = at + 1
+            if code == 0xFF:  # fill byte: the next FF may start the marker
+                continue
+            is_marker = code >= 0x80 if jpeg_ls else code != 0x00
+            if is_marker and code not in _JPEG_STANDALONE:
+                self._pos = at + 2
+                return code
 
 
-def _skip_entropy_coded(buf: bytes, i: int) -> int:
-    """The index of the next marker after entropy-coded data (FF followed by neither 00,
-    a restart marker nor a fill byte)."""
-    end = len(buf)
+def _u16(b: bytes, at: int = 0) -> int:
+    return int.from_bytes(b[at : at + 2], "big")
+
+
+def _u32(b: bytes, at: int = 0) -> int:
+    return int.from_bytes(b[at : at + 4], "big")
+
+
+def jpeg_frames(src: ByteReader, length: int, jpeg_ls: bool = False) -> list[FrameSize]:
+    """Every frame header (SOFn, SOF55, DHP, JPEG-LS LSE oversize) in a JPEG/JPEG-LS
+    fragment of ``length`` bytes."""
+    cur = _Cursor(src, length)
+    if cur.read(2) != b"\xff\xd8":
+        raise CodestreamError("JPEG fragment does not start with SOI")
+    frames: list[FrameSize] = []
+    code: int | None = _SOI
     while True:
-        i = buf.find(b"\xff", i)
-        if i < 0 or i + 1 >= end:
-            return end
-        nxt = buf[i + 1]
-        if nxt == 0x00 or 0xD0 <= nxt <= 0xD7:
-            i += 2
-        elif nxt == 0xFF:
-            i += 1
+        if code is None:
+            return frames
+        if code in (_SOI, _EOI) or code in _JPEG_STANDALONE:
+            code = _next_marker_after_standalone(cur, jpeg_ls)
+            continue
+        if cur.at_end():
+            return frames
+        seg_len = _u16(cur.read(2))
+        if seg_len < 2:
+            raise CodestreamError("JPEG marker segment length below 2")
+        if code in _JPEG_FRAME:
+            seg = cur.read(seg_len - 2)
+            if len(seg) < 6:
+                raise CodestreamError("JPEG frame header too short")
+            frames.append(FrameSize(_u16(seg, 1), _u16(seg, 3), seg[5], seg[0]))
+        elif code == _LSE:
+            seg = cur.read(seg_len - 2)
+            frames.extend(_lse_oversize(seg, frames))
+        elif not cur.skip(seg_len - 2):
+            return frames
+        if code in (_SOS, _LSE):
+            code = cur.next_jpeg_marker(jpeg_ls)
         else:
-            return i
+            code = _next_marker_after_standalone(cur, jpeg_ls)
 
 
-def _j2k(buf: bytes) -> FrameSize | None:
-    """Walk the main header (SOC, then marker segments by length) up to the first tile."""
-    found: list[FrameSize] = []
-    end = len(buf)
-    i = 2
-    while i + 4 <= end:
-        marker = _be(buf, i, 2)
-        if marker in (_J2K_SOT, _J2K_EOC) or marker >> 8 != 0xFF:
-            break
-        length = _be(buf, i + 2, 2)
-        if length < 2:
-            break
-        if marker == _J2K_SIZ and i + 41 <= end:
-            # FF51 Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz XTsiz YTsiz XTOsiz YTOsiz Csiz {Ssiz XR YR}
-            x, y, x0, y0 = (_be(buf, i + 6 + 4 * k, 4) for k in range(4))
-            components = _be(buf, i + 38, 2)
-            precision = max(
-                (
-                    (buf[i + 40 + 3 * c] & 0x7F) + 1
-                    for c in range(components)
-                    if i + 40 + 3 * c < end
-                ),
-                default=0,
-            )
-            found.append(FrameSize(max(y - y0, 0), max(x - x0, 0), components, precision))
-        i += 2 + length
-    return _largest(found)
+def _next_marker_after_standalone(cur: _Cursor, jpeg_ls: bool) -> int | None:
+    """Between marker segments the next byte should be 0xFF; tolerate junk like libjpeg
+    ("extraneous bytes before marker") by scanning on."""
+    return cur.next_jpeg_marker(jpeg_ls)
 
 
-def _jp2_codestream(buf: bytes) -> bytes | None:
-    """The contiguous codestream box ('jp2c') of a JP2 file, walking boxes by length."""
-    i, end = 0, len(buf)
-    while i + 8 <= end:
-        size, kind = _be(buf, i, 4), bytes(buf[i + 4 : i + 8])
+def _lse_oversize(seg: bytes, frames: list[FrameSize]) -> list[FrameSize]:
+    """JPEG-LS LSE id 4 redefines the image size (PS3.5 A.4.3 / ITU T.870 C.2.4.1.4)."""
+    if not seg or seg[0] != 4 or len(seg) < 2:
+        return []
+    width = seg[1]
+    if len(seg) < 2 + 2 * width or width == 0:
+        raise CodestreamError("JPEG-LS oversize segment too short")
+    rows = int.from_bytes(seg[2 : 2 + width], "big")
+    cols = int.from_bytes(seg[2 + width : 2 + 2 * width], "big")
+    base = frames[-1] if frames else FrameSize(0, 0, 0, 0)
+    return [FrameSize(rows, cols, base.components, base.bits)]
+
+
+def j2k_frames(src: ByteReader, length: int) -> list[FrameSize]:
+    """Every SIZ in a JPEG 2000 / HTJ2K fragment of ``length`` bytes (raw codestream, or one
+    wrapped in JP2 boxes); tile-parts are skipped by their Psot lengths, and the bytes after
+    an EOC are searched for a further codestream (SOC SIZ)."""
+    cur = _Cursor(src, length)
+    head = cur.read(12)
+    if head == _JP2_SIGNATURE:
+        _skip_to_jp2c(cur)
+        head = cur.read(2)
+    if head[:2] != b"\xff\x4f":
+        raise CodestreamError("JPEG 2000 fragment does not start with SOC")
+    cur.unread(head[2:])
+    frames: list[FrameSize] = []
+    while True:
+        if not _walk_j2k_codestream(cur, frames) or not _find_next_soc(cur):
+            return frames
+
+
+def _skip_to_jp2c(cur: _Cursor) -> None:
+    while True:
+        box = cur.read(8)
+        size, kind = _u32(box), box[4:8]
         header = 8
-        if size == 1 and i + 16 <= end:
-            size, header = _be(buf, i + 8, 8), 16
-        elif size == 0:
-            size = end - i
-        if size < header:
-            return None
+        if size == 1:
+            size = int.from_bytes(cur.read(8), "big")
+            header = 16
         if kind == b"jp2c":
-            return buf[i + header : i + size]
-        i += size
-    return None
+            return
+        if size == 0 or size < header or not cur.skip(size - header):
+            raise CodestreamError("JP2 file without a contiguous codestream box")
+
+
+def _walk_j2k_codestream(cur: _Cursor, frames: list[FrameSize]) -> bool:
+    """From just after SOC to EOC; False when the fragment ended first."""
+    while True:
+        if cur.at_end():
+            return False
+        marker = cur.read(2)
+        if marker[0] != 0xFF:
+            raise CodestreamError("JPEG 2000 marker expected")
+        code = marker[1]
+        if code == _J2K_EOC:
+            return True
+        seg_len = _u16(cur.read(2))
+        if seg_len < 2:
+            raise CodestreamError("JPEG 2000 marker segment length below 2")
+        if code == _J2K_SIZ:
+            frames.append(_siz(cur.read(seg_len - 2)))
+        elif code == _J2K_SOT:
+            seg = cur.read(seg_len - 2)
+            if len(seg) < 8:
+                raise CodestreamError("JPEG 2000 SOT too short")
+            psot = _u32(seg, 2)
+            if psot == 0:  # the last tile-part runs to the EOC that ends the codestream
+                cur.skip(1 << 62)
+                return False
+            if psot < 2 + seg_len or not cur.skip(psot - 2 - seg_len):
+                return False  # the tile-part continues in the next fragment
+        elif not cur.skip(seg_len - 2):
+            return False
+
+
+def _siz(seg: bytes) -> FrameSize:
+    if len(seg) < 36 + 3:
+        raise CodestreamError("JPEG 2000 SIZ too short")
+    xsiz, ysiz, x0, y0 = (_u32(seg, 2 + 4 * k) for k in range(4))
+    components = _u16(seg, 34)
+    if components == 0 or len(seg) < 36 + 3 * components:
+        raise CodestreamError("JPEG 2000 SIZ component list too short")
+    bits = max((seg[36 + 3 * c] & 0x7F) + 1 for c in range(components))
+    return FrameSize(ysiz - y0, xsiz - x0, components, bits)
+
+
+def _find_next_soc(cur: _Cursor) -> bool:
+    """Search the rest of the fragment for SOC directly followed by SIZ; leave the cursor
+    just after SOC."""
+    while True:
+        code = cur.next_jpeg_marker(jpeg_ls=False)
+        if code is None:
+            return False
+        if code == _J2K_SOC and not cur.at_end():
+            nxt = cur.read(min(2, cur.available()))
+            cur.unread(nxt)
+            if nxt == b"\xff\x51":
+                return True
+
+
+def codestream_frame_size(data: bytes, jpeg_ls: bool = False) -> FrameSize | None:
+    """What an in-memory JPEG / JPEG-LS / JPEG 2000 (raw or JP2) frame declares: the largest
+    of each field over all its frame headers. None when it is none of these, is malformed or
+    declares no frame (callers refuse that for those transfer syntaxes)."""
+    try:
+        if data[:2] == b"\xff\xd8":
+            frames = jpeg_frames(io.BytesIO(data), len(data), jpeg_ls)
+        else:
+            frames = j2k_frames(io.BytesIO(data), len(data))
+    except CodestreamError:
+        return None
+    if not frames:
+        return None
+    return FrameSize(
+        max(f.rows for f in frames),
+        max(f.columns for f in frames),
+        max(f.components for f in frames),
+        max(f.bits for f in frames),
+    )

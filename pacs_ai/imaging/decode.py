@@ -128,7 +128,7 @@ def _check_codestream(ds: Dataset, frame: int, frames: int) -> None:
         data = get_frame(ds.PixelData, frame, number_of_frames=frames)
     except Exception as exc:  # malformed encapsulation
         raise ImagingError(f"encapsulated pixel data is malformed ({type(exc).__name__})") from exc
-    size = codestream_frame_size(data)
+    size = codestream_frame_size(bytes(data), jpeg_ls=syntax in JPEGLSTransferSyntaxes)
     if size is None:
         if syntax in _FRAME_HEADER_SYNTAXES:
             raise DecodeLimitExceeded("no frame header found in the compressed frame")
@@ -136,10 +136,10 @@ def _check_codestream(ds: Dataset, frame: int, frames: int) -> None:
     rows, cols = int(ds.Rows), int(ds.Columns)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     bits = int(ds.get("BitsAllocated", 16) or 16)
-    if size.rows > rows or size.columns > cols or size.samples > samples or size.precision > bits:
+    if size.rows > rows or size.columns > cols or size.components > samples or size.bits > bits:
         raise DecodeLimitExceeded(
-            f"codestream declares {size.rows}x{size.columns}x{size.samples} "
-            f"({size.precision} bits), the header {rows}x{cols}x{samples} ({bits} bits)"
+            f"codestream declares {size.rows}x{size.columns}x{size.components} "
+            f"({size.bits} bits), the header {rows}x{cols}x{samples} ({bits} bits)"
         )
 
 

@@ -66,8 +66,7 @@ class PduStream:
         self._buf = bytearray(max(self._max_pdata, 4096))
         self.bytes_read = 0
 
-    def _recv_exact(self, view: memoryview, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    def _recv_exact(self, view: memoryview, deadline: float) -> None:
         while view:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -98,11 +97,12 @@ class PduStream:
             pending = bool(r)
 
     def read_pdu(self, timeout: float) -> tuple[int, memoryview]:
-        """Read one PDU; returns (type, body) where body excludes the 6-byte header.
-
-        The body view is only valid until the next call.
+        """Read one PDU within ``timeout`` seconds in total (header and body together: a
+        peer trickling bytes gains nothing); returns (type, body) where body excludes the
+        6-byte header. The body view is only valid until the next call.
         """
-        self._recv_exact(memoryview(self._header), timeout)
+        deadline = time.monotonic() + timeout
+        self._recv_exact(memoryview(self._header), deadline)
         pdu_type, _, length = struct.unpack(">BBL", self._header)
         if pdu_type not in _KNOWN_PDU_TYPES:
             raise ProtocolError(
@@ -119,7 +119,7 @@ class PduStream:
         if length > len(self._buf):
             self._buf = bytearray(length)
         body = memoryview(self._buf)[:length]
-        self._recv_exact(body, timeout)
+        self._recv_exact(body, deadline)
         return pdu_type, body
 
     def send(self, data: bytes) -> None:

@@ -28,7 +28,7 @@ from pacs_ai.db.models import (
     StudyState,
     utcnow,
 )
-from pacs_ai.errors import DatabaseUnavailable, SpoolIOError
+from pacs_ai.errors import DatabaseUnavailable, IdentityConflict, SpoolIOError
 from pacs_ai.ingest.spool import StoredFile
 from pacs_ai.ingest.validation import InstanceHeader
 
@@ -42,29 +42,21 @@ class RecordOutcome(enum.Enum):
 
 @dataclass
 class AssociationCache:
-    studies: dict[str, int] = field(default_factory=dict)
-    series: dict[str, int] = field(default_factory=dict)
+    """Rows this association already resolved: study UID -> (id, patient ID), series UID ->
+    (id, study id)."""
+
+    studies: dict[str, tuple[int, str | None]] = field(default_factory=dict)
+    series: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-def _get_or_create(
-    conn: Connection, model: Any, key: str, values: dict[str, Any], cache: dict[str, int]
-) -> int:
-    """The id of the row whose unique ``key`` column equals ``values[key]``, inserting it if
-    needed; safe against another association inserting the same row concurrently."""
-    uid = values[key]
-    row_id = cache.get(uid)
-    if row_id is None:
-        column = getattr(model, key)
-        row_id = conn.scalar(select(model.id).where(column == uid))
-        if row_id is None:
-            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-            conn.execute(
-                dialect.insert(model).values(**values).on_conflict_do_nothing(index_elements=[key])
-            )
-            row_id = conn.scalar(select(model.id).where(column == uid))
-        assert row_id is not None
-        cache[uid] = row_id
-    return int(row_id)
+def _insert_ignoring_conflict(
+    conn: Connection, table: Table, key: str, values: dict[str, Any]
+) -> None:
+    """Insert unless another association inserted the same unique ``key`` concurrently."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    conn.execute(
+        dialect.insert(table).values(**values).on_conflict_do_nothing(index_elements=[key])
+    )
 
 
 class IngestRecorder:
@@ -81,50 +73,77 @@ class IngestRecorder:
 
     # --- associations ------------------------------------------------------------------
 
-    def open_association(self, peer_host: str, peer_port: int, tls: bool) -> int:
+    def open_association(
+        self,
+        peer_host: str,
+        peer_port: int,
+        tls: bool,
+        calling: str = "",
+        called: str = "",
+        accepted: bool = False,
+    ) -> int:
+        """The row of an association whose A-ASSOCIATE-RQ was decoded (never written for a
+        bare connection: idle sockets cost no database write)."""
         with self._engine.begin() as s:
-            return int(
-                s.execute(
-                    insert(Association)
-                    .values(
-                        peer_host=peer_host[:64],
-                        peer_port=peer_port,
-                        tls=tls,
-                        accepted=False,
-                        started_at=self._clock(),
-                        instances_stored=0,
-                        instances_failed=0,
-                        bytes_received=0,
-                    )
-                    .returning(Association.id)
-                ).scalar_one()
-            )
+            return self._insert_association(s, peer_host, peer_port, tls, calling, called, accepted)
 
-    def association_accepted(self, assoc_id: int, calling: str, called: str) -> None:
-        with self._engine.begin() as s:
+    def _insert_association(
+        self,
+        s: Connection,
+        peer_host: str,
+        peer_port: int,
+        tls: bool,
+        calling: str,
+        called: str,
+        accepted: bool,
+        **ended: Any,
+    ) -> int:
+        return int(
             s.execute(
-                update(Association)
-                .where(Association.id == assoc_id)
-                .values(calling_ae=calling[:16], called_ae=called[:16], accepted=True)
-            )
-
-    def association_refused(
-        self, assoc_id: int, calling: str | None, called: str | None, reason: str, action: str
-    ) -> None:
-        """Rejected (A-ASSOCIATE-RJ) or aborted before acceptance (malformed, timeout)."""
-        now = self._clock()
-        with self._engine.begin() as s:
-            s.execute(
-                update(Association)
-                .where(Association.id == assoc_id)
+                insert(Association)
                 .values(
-                    calling_ae=(calling or None) and calling[:16],
-                    called_ae=(called or None) and called[:16],
-                    accepted=False,
-                    reject_reason=reason[:200],
-                    ended_at=now,
-                    end_reason=action,
+                    peer_host=peer_host[:64],
+                    peer_port=peer_port,
+                    tls=tls,
+                    calling_ae=calling[:16] or None,
+                    called_ae=called[:16] or None,
+                    accepted=accepted,
+                    started_at=ended.pop("started_at", None) or self._clock(),
+                    instances_stored=0,
+                    instances_failed=0,
+                    bytes_received=0,
+                    **ended,
                 )
+                .returning(Association.id)
+            ).scalar_one()
+        )
+
+    def record_refusal(
+        self,
+        peer_host: str,
+        peer_port: int,
+        tls: bool,
+        calling: str,
+        called: str,
+        reason: str,
+        action: str,
+        started_at: dt.datetime | None = None,
+    ) -> int:
+        """An association rejected (A-ASSOCIATE-RJ) or ended before acceptance (malformed
+        request, timeout, TLS failure): one ended row and one audit event."""
+        with self._engine.begin() as s:
+            assoc_id = self._insert_association(
+                s,
+                peer_host,
+                peer_port,
+                tls,
+                calling,
+                called,
+                False,
+                started_at=started_at,
+                reject_reason=reason[:200],
+                ended_at=self._clock(),
+                end_reason=action,
             )
             write_audit(
                 s,
@@ -135,6 +154,7 @@ class IngestRecorder:
                 assoc_id,
                 {"reason": reason},
             )
+        return assoc_id
 
     def close_association(
         self, assoc_id: int, end_reason: str, stored: int, failed: int, nbytes: int
@@ -203,21 +223,31 @@ class IngestRecorder:
     def _study_id(
         self, s: Connection, h: InstanceHeader, now: dt.datetime, cache: AssociationCache
     ) -> int:
-        values = {
-            "study_uid": h.study_uid,
-            "patient_id": h.patient_id,
-            "patient_name": h.patient_name,
-            "accession_number": h.accession_number,
-            "study_date": h.study_date,
-            "study_description": h.study_description,
-            "state": StudyState.RECEIVING,
-            "revision": 0,
-            "instance_count": 0,
-            "first_received_at": now,
-            "last_received_at": now,
-            "state_changed_at": now,
-        }
-        return _get_or_create(s, Study, "study_uid", values, cache.studies)
+        hit = cache.studies.get(h.study_uid)
+        if hit is None:
+            row = s.execute(_SELECT_STUDY, {"uid": h.study_uid}).first()
+            if row is None:
+                values = {
+                    "study_uid": h.study_uid,
+                    "patient_id": h.patient_id,
+                    "patient_name": h.patient_name,
+                    "accession_number": h.accession_number,
+                    "study_date": h.study_date,
+                    "study_description": h.study_description,
+                    "state": StudyState.RECEIVING,
+                    "revision": 0,
+                    "instance_count": 0,
+                    "first_received_at": now,
+                    "last_received_at": now,
+                    "state_changed_at": now,
+                }
+                _insert_ignoring_conflict(s, _STUDIES, "study_uid", values)
+                row = s.execute(_SELECT_STUDY, {"uid": h.study_uid}).one()
+            hit = cache.studies[h.study_uid] = (int(row[0]), row[1])
+        study_id, patient_id = hit
+        if patient_id and h.patient_id and patient_id != h.patient_id:
+            raise IdentityConflict("StudyInstanceUID already recorded for another patient")
+        return study_id
 
     def _series_id(
         self,
@@ -227,18 +257,28 @@ class IngestRecorder:
         now: dt.datetime,
         cache: AssociationCache,
     ) -> int:
-        values = {
-            "study_id": study_id,
-            "series_uid": h.series_uid,
-            "modality": h.modality,
-            "body_part": h.body_part,
-            "series_number": h.series_number,
-            "series_description": h.series_description,
-            "state": SeriesState.RECEIVING,
-            "instance_count": 0,
-            "last_received_at": now,
-        }
-        return _get_or_create(s, Series, "series_uid", values, cache.series)
+        hit = cache.series.get(h.series_uid)
+        if hit is None:
+            row = s.execute(_SELECT_SERIES, {"uid": h.series_uid}).first()
+            if row is None:
+                values = {
+                    "study_id": study_id,
+                    "series_uid": h.series_uid,
+                    "modality": h.modality,
+                    "body_part": h.body_part,
+                    "series_number": h.series_number,
+                    "series_description": h.series_description,
+                    "state": SeriesState.RECEIVING,
+                    "instance_count": 0,
+                    "last_received_at": now,
+                }
+                _insert_ignoring_conflict(s, _SERIES, "series_uid", values)
+                row = s.execute(_SELECT_SERIES, {"uid": h.series_uid}).one()
+            hit = cache.series[h.series_uid] = (int(row[0]), int(row[1]))
+        series_id, owner_study = hit
+        if owner_study != study_id:
+            raise IdentityConflict("SeriesInstanceUID already recorded under another study")
+        return series_id
 
     def _record(
         self,
@@ -255,7 +295,9 @@ class IngestRecorder:
         series_id = self._series_id(s, h, study_id, now, cache)
 
         earlier = s.execute(_SELECT_SAME_SOP, {"sop": h.sop_instance_uid}).all()
-        for inst_id, sha in earlier:
+        if any(row_series != series_id for _, _, row_series in earlier):
+            raise IdentityConflict("SOPInstanceUID already recorded under another series")
+        for inst_id, sha, _ in earlier:
             if sha == stored.sha256:
                 if s.execute(_BUMP_TIMES_RECEIVED, {"row_id": inst_id}).first() is not None:
                     return RecordOutcome.DUPLICATE
@@ -381,8 +423,14 @@ class IngestRecorder:
 _STUDIES = cast(Table, Study.__table__)
 _SERIES = cast(Table, Series.__table__)
 _INSTANCES = cast(Table, Instance.__table__)
-_SELECT_SAME_SOP = select(_INSTANCES.c.id, _INSTANCES.c.sha256).where(
+_SELECT_SAME_SOP = select(_INSTANCES.c.id, _INSTANCES.c.sha256, _INSTANCES.c.series_id).where(
     _INSTANCES.c.sop_instance_uid == bindparam("sop")
+)
+_SELECT_STUDY = select(_STUDIES.c.id, _STUDIES.c.patient_id).where(
+    _STUDIES.c.study_uid == bindparam("uid")
+)
+_SELECT_SERIES = select(_SERIES.c.id, _SERIES.c.study_id).where(
+    _SERIES.c.series_uid == bindparam("uid")
 )
 _BUMP_TIMES_RECEIVED = (
     update(_INSTANCES)

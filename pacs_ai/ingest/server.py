@@ -17,7 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from sqlalchemy import Engine
 
 from pacs_ai.config import Settings, TlsSettings
-from pacs_ai.ingest.association import AssociationHandler, AssociationSlots, ServerContext
+from pacs_ai.ingest.association import (
+    AssociationHandler,
+    AssociationSlots,
+    PendingConnections,
+    ServerContext,
+)
 from pacs_ai.ingest.recorder import IngestRecorder
 from pacs_ai.ingest.spool import Spool
 
@@ -55,6 +60,7 @@ class DicomServer:
         self._active: set[threading.Thread] = set()
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
+        self._refused_pending = 0
         self._ctx = ServerContext(
             settings=settings,
             spool=spool,
@@ -62,6 +68,7 @@ class DicomServer:
             stop=self._stop,
             ssl_context=make_ssl_context(settings.tls) if settings.tls.enabled else None,
             slots=AssociationSlots(settings.dicom.max_associations),
+            pending=PendingConnections(settings.dicom.max_pending_per_address),
             on_association_end=on_association_end or (lambda _id: None),
             io_pool=ThreadPoolExecutor(
                 max_workers=settings.dicom.max_associations, thread_name_prefix="spool-io"
@@ -123,6 +130,19 @@ class DicomServer:
                     break
                 log.exception("accept failed")
                 continue
+            if not self._ctx.pending.try_enter(addr[0]):
+                # Not yet associated connections from this address are at their cap: close
+                # at once (no thread, no database row) so others are still served.
+                conn.close()
+                self._refused_pending += 1
+                if self._refused_pending in (1, 10, 100) or self._refused_pending % 1000 == 0:
+                    log.warning(
+                        "connections from %s closed unread: %d not yet associated (%d so far)",
+                        addr[0],
+                        self.settings.dicom.max_pending_per_address,
+                        self._refused_pending,
+                    )
+                continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 overloaded = (
@@ -130,6 +150,7 @@ class DicomServer:
                 )
             if overloaded:
                 log.warning("connection from %s closed unread: too many connections", addr[0])
+                self._ctx.pending.leave(addr[0])
                 conn.close()
                 continue
             t = threading.Thread(

@@ -1,22 +1,41 @@
 """Checks on a received dataset before it may be acknowledged.
 
 Tolerant where real devices differ harmlessly (leading zeros in UID components, odd pixel
-padding), strict where our safety depends on it: UIDs are digits and dots only (they are
-audited and later used to build SR references, never paths), Type 1 identifiers are present,
-declared image size is sane and the native Pixel Data is long enough.
+padding, implicit VR sent as explicit), strict where our safety depends on it: every element
+ends inside the dataset (:mod:`pacs_ai.ingest.structure`), UIDs are digits and dots only
+(they are audited and later used to build SR references, never paths), Type 1 identifiers
+are present, image SOP classes carry Pixel Data and the Image Pixel module, the declared
+image size is sane, native Pixel Data is long enough, and compressed frame headers agree with
+the image header.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
+from functools import lru_cache
+from io import BytesIO
 from pathlib import Path
 
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.filereader import read_dataset
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    ExplicitVRBigEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 
 from pacs_ai.errors import (
+    CodestreamMismatch,
     DatasetMismatch,
     ImageTooLarge,
     InvalidDataset,
@@ -24,10 +43,11 @@ from pacs_ai.errors import (
     MissingAttribute,
     PixelDataError,
 )
+from pacs_ai.imaging.codestream import FrameSize
+from pacs_ai.ingest.inflate import ByteSource, FileSource, InflatingSource
+from pacs_ai.ingest.structure import UNDEFINED, CodestreamKind, PixelInfo, Walked, walk
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_PIXEL_DATA = 0x7FE00010
-_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 def check_uid(value: object, name: str) -> str:
@@ -39,17 +59,26 @@ def check_uid(value: object, name: str) -> str:
     return uid
 
 
+def _get(ds: Dataset, keyword: str) -> object:
+    """An element's value; a value pydicom cannot convert (impossible length for its VR,
+    undecodable text) is an unparseable dataset, not an internal error."""
+    try:
+        return ds.get(keyword)
+    except Exception as exc:
+        raise InvalidDataset(f"{keyword} cannot be read: {exc.__class__.__name__}") from exc
+
+
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
-    value = ds.get(keyword)
+    value = _get(ds, keyword)
     if value is None or value == "":
         return None
     return str(value)[:limit]
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
+    value = _get(ds, keyword)
     try:
-        value = ds.get(keyword)
-        return int(value) if value not in (None, "") else None
+        return int(value) if value not in (None, "") else None  # type: ignore[call-overload]
     except (TypeError, ValueError):
         return None
 
@@ -74,34 +103,105 @@ class InstanceHeader:
     study_description: str | None
 
 
+@dataclass(frozen=True)
+class Limits:
+    max_pixel_bytes: int
+    max_instance_bytes: int
+    max_inflate_ratio: float
+
+
+_JPEG_LS = frozenset({JPEGLSLossless, JPEGLSNearLossless})
+_J2K = frozenset({JPEG2000, JPEG2000Lossless, HTJ2K, HTJ2KLossless, HTJ2KLosslessRPCL})
+_IMAGE_PIXEL_MODULE = (
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+)
+
+
+@lru_cache(maxsize=512)
+def is_image_storage(sop_class_uid: str) -> bool:
+    """Storage SOP classes of image IODs (they carry the Image Pixel module)."""
+    return "Image Storage" in UID(sop_class_uid).name
+
+
+def _codestream_kind(ts: UID) -> int:
+    if ts in _J2K:
+        return CodestreamKind.J2K
+    if ts in _JPEG_LS:
+        return CodestreamKind.JPEG_LS
+    if ts.is_compressed and ts != RLELossless:
+        return CodestreamKind.JPEG
+    return CodestreamKind.NONE
+
+
+def walk_file(path: Path, transfer_syntax: UID, limits: Limits) -> Walked:
+    """Walk the dataset of a spooled Part 10 file (after our File Meta group)."""
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(144)
+        if len(head) < 144 or head[128:132] != b"DICM":
+            raise InvalidDataset("spool file without File Meta")
+        start = 144 + int.from_bytes(head[140:144], "little")
+        implicit = transfer_syntax == ImplicitVRLittleEndian
+        little = transfer_syntax != ExplicitVRBigEndian
+        src: ByteSource
+        if transfer_syntax.is_deflated:
+            limit = InflatingSource.limit_for(
+                size - start, limits.max_instance_bytes, limits.max_inflate_ratio
+            )
+            src = InflatingSource(f, start, size, limit)
+        else:
+            src = FileSource(f, start, size)
+        return walk(src, implicit, little, _codestream_kind(transfer_syntax))
+
+
+def _header_dataset(walked: Walked) -> Dataset:
+    raw = b"".join(walked.raw[tag] for tag in sorted(walked.raw))
+    try:
+        return read_dataset(BytesIO(raw), walked.implicit, walked.little_endian)
+    except Exception as exc:  # pydicom raises many types on corrupt values
+        raise InvalidDataset(f"dataset cannot be parsed: {exc.__class__.__name__}") from exc
+
+
 def read_and_validate(
     path: Path,
     transfer_syntax: str,
     command_sop_class: str,
     command_sop_instance: str,
-    max_pixel_bytes: int,
+    limits: Limits,
 ) -> InstanceHeader:
-    """Parse the spooled file (pixel values are not read) and check it.
+    """Walk the spooled dataset (bounded memory, nothing decoded) and check it.
 
     Raises a :class:`~pacs_ai.errors.StoreError` subclass naming the problem.
     """
-    try:
-        ds = pydicom.dcmread(path, defer_size=1024)
-    except Exception as exc:  # pydicom raises many types on corrupt input
-        raise InvalidDataset(f"dataset cannot be parsed: {exc.__class__.__name__}") from exc
+    ts = UID(transfer_syntax)
+    walked = walk_file(path, ts, limits)
+    ds = _header_dataset(walked)
 
-    sop_class = check_uid(ds.get("SOPClassUID"), "SOPClassUID")
-    sop_instance = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+    sop_class = check_uid(_get(ds, "SOPClassUID"), "SOPClassUID")
+    sop_instance = check_uid(_get(ds, "SOPInstanceUID"), "SOPInstanceUID")
     if sop_class != command_sop_class or sop_instance != command_sop_instance:
         raise DatasetMismatch("dataset SOP Class/Instance UID differ from the C-STORE command")
-    study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-    series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+    study_uid = check_uid(_get(ds, "StudyInstanceUID"), "StudyInstanceUID")
+    series_uid = check_uid(_get(ds, "SeriesInstanceUID"), "SeriesInstanceUID")
     modality = _text(ds, "Modality", 16)
     if not modality:
         raise MissingAttribute("Modality is missing or empty")
 
-    if _PIXEL_DATA in ds:
-        _check_pixels(ds, UID(transfer_syntax), max_pixel_bytes, path.stat().st_size)
+    if is_image_storage(sop_class):
+        if walked.pixel is None:
+            raise MissingAttribute("image SOP class without Pixel Data")
+        for keyword in _IMAGE_PIXEL_MODULE:
+            if _text(ds, keyword, 16) is None:
+                raise MissingAttribute(f"{keyword} is missing for an image")
+    if walked.pixel is not None:
+        _check_pixels(ds, ts, limits.max_pixel_bytes, walked.pixel)
 
     return InstanceHeader(
         study_uid=study_uid,
@@ -135,28 +235,36 @@ def declared_pixel_bytes(ds: Dataset) -> int:
     return (rows * cols * samples * frames * bits + 7) // 8
 
 
-def _check_pixels(ds: Dataset, transfer_syntax: UID, max_pixel_bytes: int, file_size: int) -> None:
+def _check_pixels(ds: Dataset, ts: UID, max_pixel_bytes: int, pixel: PixelInfo) -> None:
     expected = declared_pixel_bytes(ds)
     if expected > max_pixel_bytes:
         raise ImageTooLarge(
             f"declared image size {expected} bytes exceeds the {max_pixel_bytes} byte limit"
         )
-    element = ds.get_item(_PIXEL_DATA, keep_deferred=True)
-    length = getattr(element, "length", None)
-    if transfer_syntax.is_deflated or length is None:
-        # Deflated streams are inflated in memory by pydicom; offsets are not file offsets.
-        value = ds.PixelData
-        length = _UNDEFINED_LENGTH if ds["PixelData"].is_undefined_length else len(value)
-    else:
-        value_tell = getattr(element, "value_tell", None)
-        truncated = value_tell is not None and value_tell + length > file_size
-        if length != _UNDEFINED_LENGTH and truncated:
-            raise PixelDataError("Pixel Data is truncated")
-    if transfer_syntax.is_compressed:
-        if length != _UNDEFINED_LENGTH:
+    if ts.is_compressed:
+        if pixel.length != UNDEFINED:
             raise PixelDataError("compressed transfer syntax without encapsulated Pixel Data")
+        if pixel.frames is not None:
+            _check_frames(ds, pixel.frames)
+        elif _codestream_kind(ts) != CodestreamKind.NONE:
+            raise CodestreamMismatch("no compressed fragment in the Pixel Data")
         return
-    if length == _UNDEFINED_LENGTH:
+    if pixel.length == UNDEFINED:
         raise PixelDataError("encapsulated Pixel Data in a native transfer syntax")
-    if length < expected:
-        raise PixelDataError(f"Pixel Data has {length} bytes, the header needs {expected}")
+    if pixel.length < expected:
+        raise PixelDataError(f"Pixel Data has {pixel.length} bytes, the header needs {expected}")
+
+
+def _check_frames(ds: Dataset, frames: list[FrameSize]) -> None:
+    """Every frame header in the first fragment must describe the image the header declares
+    (decoders allocate what the codestream says)."""
+    if not frames:
+        raise CodestreamMismatch("no frame size found in the first compressed fragment")
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    samples = _int(ds, "SamplesPerPixel") or 1
+    bits = _int(ds, "BitsAllocated") or 0
+    for frame in frames:
+        if (frame.rows, frame.columns) != (rows, cols) or frame.components != samples:
+            raise CodestreamMismatch("a compressed frame header disagrees with the image header")
+        if frame.bits > max(bits, 8):
+            raise CodestreamMismatch("a compressed frame's precision exceeds BitsAllocated")

@@ -94,12 +94,15 @@ class RawPeer:
         return pdu_type, header + self._recv_exact(length)
 
     def closed_by_server(self) -> bool:
-        """True if the server closes the connection (reading an A-ABORT first is fine)."""
+        """True if the server closes the connection (reading an A-ABORT first is fine);
+        False if it sends anything else or keeps the connection open past the timeout."""
         try:
             while True:
                 pdu_type, _ = self.recv_pdu()
                 if pdu_type != 0x07:
                     return False
+        except TimeoutError:
+            return False
         except (ConnectionError, OSError):
             return True
 

@@ -3,15 +3,20 @@ After each, the server is still serving and nothing half-written stays."""
 
 from __future__ import annotations
 
+import contextlib
+import select as io_select
+import socket
 import struct
+import subprocess
 import time
+from collections import Counter
 
 import pytest
 from sqlalchemy import select
 
 from pacs_ai.db.models import Association, Instance
 from pacs_ai.service import Service
-from tests.conftest import SCU_AE, ct_datasets
+from tests.conftest import SCU_AE, ct_datasets, wait_for
 from tests.integration.conftest import ServiceFactory
 from tests.integration.rawpeer import (
     EXPLICIT_LE,
@@ -21,6 +26,7 @@ from tests.integration.rawpeer import (
     pdata,
     store_command,
 )
+from tests.tools import require_tool
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -126,4 +132,74 @@ def test_stalled_peers_are_dropped(start_service: ServiceFactory) -> None:
         assert peer.closed_by_server()
     still_serving(svc)
     nothing_half_written(svc)
-    assert end_reasons(svc).count("timeout") >= 2
+    # Four stalled peers, four timeouts (two before association, two after), and the one
+    # that was still served.
+    assert Counter(end_reasons(svc)) == {"timeout": 4, "released": 1}
+
+
+def _closed(peers: list[RawPeer]) -> int:
+    """How many of ``peers`` the server has closed or aborted (EOF, reset or an A-ABORT
+    waiting to be read), without blocking."""
+    readable, _, _ = io_select.select([p.sock for p in peers], [], [], 0.05)
+
+    def ended(sock: socket.socket) -> bool:
+        try:
+            return sock.recv(1, socket.MSG_PEEK) in (b"", b"\x07")
+        except OSError:
+            return True
+
+    return sum(1 for s in readable if ended(s))
+
+
+def test_idle_connections_do_not_lock_out_a_modality(start_service: ServiceFactory) -> None:
+    """40 idle TCP connections from one address: that address keeps at most
+    `max_pending_per_address` (4) waiting, the rest are closed at once, none writes a database
+    row while idle, and an allowed modality elsewhere gets its C-ECHO answered within 2 s."""
+    svc = start_service()  # acse_timeout 30 s: the idle ones would wait that long
+    assert svc.server is not None
+    port = svc.server.port
+    idle = [RawPeer("127.0.0.1", port, bind="127.0.0.2") for _ in range(40)]
+    wait_for(lambda: _closed(idle) == 36, timeout=5, what="36 of 40 idle connections closed")
+    started = time.monotonic()
+    echo = subprocess.run(
+        [require_tool("echoscu"), "-aec", "PACS_AI", "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+    assert echo.returncode == 0, echo.stderr
+    assert elapsed < 2.0, f"C-ECHO took {elapsed:.2f} s"
+    print(f"C-ECHO (dcmtk echoscu) beside 40 idle sockets: {elapsed:.3f} s")
+    assert _closed(idle) == 36  # the four within the cap still wait for their request
+    with svc.engine.connect() as c:
+        rows = c.execute(select(Association.calling_ae, Association.accepted)).all()
+    assert [tuple(r) for r in rows] == [("ECHOSCU", True)]  # idle sockets wrote nothing
+    for peer in idle:
+        peer.close()
+    # The four that held a place end as lost connections, recorded once each at their end.
+    wait_for(lambda: len(end_reasons(svc)) == 5, what="5 association rows")
+    assert Counter(end_reasons(svc)) == {"released": 1, "connection_lost": 4}
+
+
+def test_association_request_has_one_total_deadline(start_service: ServiceFactory) -> None:
+    """A peer trickling its A-ASSOCIATE-RQ one byte at a time is cut off when acse_timeout
+    has passed in total, not acse_timeout after each byte."""
+    svc = start_service(dicom={"acse_timeout": 1.0})
+    raw = RawPeer("127.0.0.1", svc.server.port)  # type: ignore[union-attr]
+    request = struct.pack(">BBL", 0x01, 0, 200) + bytes(200)
+    started = time.monotonic()
+    for byte in request:
+        if _closed([raw]):
+            break
+        with contextlib.suppress(OSError):
+            raw.send_raw(bytes([byte]))
+        time.sleep(0.1)
+    elapsed = time.monotonic() - started
+    assert _closed([raw]) == 1
+    assert 1.0 <= elapsed < 1.8, f"closed after {elapsed:.2f} s"
+    print(f"trickled A-ASSOCIATE-RQ cut off after {elapsed:.3f} s (acse_timeout 1.0)")
+    wait_for(lambda: end_reasons(svc) == ["timeout"], what="the request's timeout recorded")
+    still_serving(svc)

@@ -4,6 +4,10 @@ peer for what pynetdicom will not send. Covers the bad-input table of DESIGN.md 
 from __future__ import annotations
 
 import hashlib
+import sqlite3
+import struct
+import time
+import zlib
 from pathlib import Path
 
 import pydicom
@@ -21,6 +25,7 @@ from pacs_ai.db.models import (
     StudyState,
 )
 from pacs_ai.delivery.scu import Outgoing, Peer, send
+from pacs_ai.ingest import store as store_module
 from pacs_ai.service import Service
 from tests.conftest import SCU_AE, ct_datasets, dx_dataset, wait_for
 from tests.integration.conftest import ServiceFactory
@@ -118,6 +123,10 @@ def test_duplicates_same_bytes_and_conflicts(start_service: ServiceFactory, db_u
     changed = dx_dataset(seed=5)
     changed.SOPInstanceUID = ds.SOPInstanceUID
     changed.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    # The same instance under another study is an identity collision: refused.
+    assert store(svc, [changed]) == [0xC006]
+    changed.StudyInstanceUID = ds.StudyInstanceUID
+    changed.SeriesInstanceUID = ds.SeriesInstanceUID
     assert store(svc, [changed]) == [0]  # different bytes: kept both, flagged
     with svc.engine.connect() as c:
         rows = c.execute(select(Instance.id, Instance.conflicts_with_id, Instance.path)).all()
@@ -157,6 +166,15 @@ def _raw(svc: Service, calling: str = SCU_AE) -> tuple[RawPeer, int]:
         ("absurd_dimensions", 0xC004),
         ("truncated", 0xC003),
         ("garbage", 0xC000),
+        ("cut_before_image_pixel_module", 0xC002),
+        ("cut_inside_element_header", 0xC000),
+        ("cut_inside_value", 0xC000),
+        ("cut_before_pixel_data", 0xC002),
+        ("image_without_pixel_data", 0xC002),
+        ("missing_bits_stored", 0xC002),
+        ("impossible_value_length", 0xC000),
+        ("unknown_vr", 0xC000),
+        ("undelimited_sequence", 0xC000),
     ],
 )
 def test_bad_datasets_refused_nothing_kept(
@@ -178,11 +196,32 @@ def test_bad_datasets_refused_nothing_kept(
     elif mutate == "absurd_dimensions":
         ds.Rows = ds.Columns = 65535
         ds.NumberOfFrames = 1000
+    elif mutate == "image_without_pixel_data":
+        del ds.PixelData
+    elif mutate == "missing_bits_stored":
+        del ds.BitsStored
     data = encode_dataset(ds)
+    name_at = data.index(b"\x10\x00\x10\x00PN")  # PatientName, explicit VR LE
+    rows_at = data.index(b"\x28\x00\x10\x00US")
     if mutate == "truncated":
-        data = data[: len(data) - 2000]
+        data = data[: len(data) - 2000]  # inside Pixel Data
     elif mutate == "garbage":
         data = b"\x08\x00\x05\x00CS\xff\xff" + bytes(range(256)) * 4
+    elif mutate == "cut_before_image_pixel_module":
+        data = encode_dataset(ds[:0x00280000])
+    elif mutate == "cut_inside_element_header":
+        data = data[: name_at + 3]
+    elif mutate == "cut_inside_value":
+        data = data[: name_at + 10]
+    elif mutate == "cut_before_pixel_data":
+        data = encode_dataset(ds[:0x7FE00010])
+    elif mutate == "impossible_value_length":  # Rows (US) with 3 bytes
+        data = data[:rows_at] + b"\x28\x00\x10\x00US\x03\x00abc" + data[rows_at + 10 :]
+    elif mutate == "unknown_vr":
+        data = data[:name_at] + b"\x10\x00\x10\x00QQ" + data[name_at + 6 :]
+    elif mutate == "undelimited_sequence":
+        sq = b"\x08\x00\x40\x11SQ\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0\xff\xff\xff\xff"
+        data = data[:name_at] + sq + data[name_at:]
     raw, cx = _raw(svc)
     assert raw.c_store(cx, sop_class, sop_uid, data) == status
     # The association survives a refused instance: a good one follows.
@@ -266,3 +305,159 @@ def test_database_down_is_out_of_resources(start_service: ServiceFactory, tmp_pa
         c.exec_driver_sql("ALTER TABLE instances_gone RENAME TO instances")
     # The file written before the failed commit was removed again: nothing half-recorded.
     assert list((svc.spool.root / "objects").rglob("*.dcm")) == []
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError("Doe^Jane 1.2.826.0.1.3680043.8.498.999"),
+        struct.error("Doe^Jane"),
+        OverflowError("Doe^Jane"),
+        MemoryError("Doe^Jane"),
+        RecursionError("Doe^Jane"),
+        KeyError("Doe^Jane"),
+    ],
+    ids=lambda e: e.__class__.__name__,
+)
+@pytest.mark.parametrize("where", ["validate", "record"])
+def test_unexpected_errors_answer_0110_and_the_association_goes_on(
+    start_service: ServiceFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    exc: BaseException,
+    where: str,
+) -> None:
+    """The C-STORE boundary is total: whatever a parser, the file system or the database
+    driver raises, the peer gets 0x0110, the placed file is gone, the next C-STORE on the same
+    association is stored, and the log names the exception class, never its text."""
+    svc = start_service()
+    calls = {"n": 0}
+    target = (
+        (store_module, "read_and_validate")
+        if where == "validate"
+        else (svc.server._ctx.recorder, "record_instance")  # type: ignore[union-attr]
+    )
+    real = getattr(*target)
+
+    def fail_once(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(*target, fail_once)
+    raw, cx = _raw(svc)
+    bad, good = ct_datasets(2, seed=11)
+    assert raw.c_store(cx, CT, bad.SOPInstanceUID, encode_dataset(bad)) == 0x0110
+    assert raw.c_store(cx, CT, good.SOPInstanceUID, encode_dataset(good)) == 0x0000
+    assert raw.release()
+    raw.close()
+    with svc.engine.connect() as c:
+        assert c.scalars(select(Instance.sop_instance_uid)).all() == [good.SOPInstanceUID]
+        detail = c.scalar(select(AuditEvent.detail).where(AuditEvent.action == "instance_refused"))
+    assert detail is not None and '"status": "0x0110"' in detail
+    assert exc.__class__.__name__ in detail and "Doe" not in detail
+    assert len(list((svc.spool.root / "objects").rglob("*.dcm"))) == 1
+    assert list((svc.spool.root / "tmp").iterdir()) == []
+    assert f"unexpected {exc.__class__.__name__}" in caplog.text
+    assert "Doe^Jane" not in caplog.text and "3680043.8.498.999" not in caplog.text
+
+
+def test_series_uid_under_two_studies_strands_nothing(
+    start_service: ServiceFactory, db_url: str
+) -> None:
+    """The same SeriesInstanceUID arriving under a second study (a separate association) is
+    refused with an identity audit event; the first study completes with its one series and
+    the second study never exists (no `receiving` study with 0 series)."""
+    svc = start_service(db_url)
+    first = dx_dataset(seed=1)
+    second = dx_dataset(seed=2)  # another study...
+    second.SeriesInstanceUID = first.SeriesInstanceUID  # ...claiming the first one's series
+    assert store(svc, [first]) == [0]
+    assert store(svc, [second]) == [0xC006]
+    # A SOP Instance UID known under another study is refused the same way.
+    third = dx_dataset(seed=3)
+    third.SOPInstanceUID = first.SOPInstanceUID
+    third.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    assert store(svc, [third]) == [0xC006]
+    # A known Study UID sent for another patient too.
+    fourth = dx_dataset(seed=4)
+    fourth.StudyInstanceUID = first.StudyInstanceUID
+    fourth.PatientID = "OTHER-PATIENT"
+    assert store(svc, [fourth]) == [0xC006]
+
+    def settled() -> bool:
+        with svc.engine.connect() as c:
+            return c.scalar(select(Study.state)) == StudyState.READY
+
+    wait_for(settled, timeout=5, what="first study ready")
+    with svc.engine.connect() as c:
+        studies = c.execute(select(Study.study_uid, Study.state, Study.instance_count)).all()
+        series = c.execute(select(Series.series_uid, Series.study_id, Series.state)).all()
+        instances = c.scalars(select(Instance.sop_instance_uid)).all()
+        refused = c.scalars(
+            select(AuditEvent.detail).where(AuditEvent.action == "instance_refused")
+        ).all()
+    assert [tuple(r) for r in studies] == [(first.StudyInstanceUID, StudyState.READY, 1)]
+    assert [(r.series_uid, r.state) for r in series] == [
+        (first.SeriesInstanceUID, SeriesState.COMPLETE)
+    ]
+    assert instances == [first.SOPInstanceUID]
+    assert len(refused) == 3 and all("IdentityConflict" in d for d in refused)
+    assert len(list((svc.spool.root / "objects").rglob("*.dcm"))) == 1
+
+
+def test_locked_database_answers_a702_within_the_busy_bound(
+    start_service: ServiceFactory, sqlite_url: str
+) -> None:
+    """Another connection holds SQLite's write lock: the C-STORE is answered 0xA702 within
+    `database.busy_timeout_seconds` (plus margin), far inside the DIMSE timeout, and the file
+    is not kept."""
+    svc = start_service(database={"busy_timeout_seconds": 1.5})
+    raw, cx = _raw(svc)
+    locker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        ds = ct_datasets(1)[0]
+        started = time.monotonic()
+        status = raw.c_store(cx, CT, ds.SOPInstanceUID, encode_dataset(ds))
+        elapsed = time.monotonic() - started
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert status == 0xA702
+    assert 1.5 <= elapsed < 3.0, elapsed
+    print(f"0xA702 with the database locked: {elapsed:.3f} s (busy bound 1.5 s)")
+    assert raw.release()
+    raw.close()
+    assert list((svc.spool.root / "objects").rglob("*.dcm")) == []
+    assert list((svc.spool.root / "tmp").iterdir()) == []
+    assert count(svc, Instance) == 0
+
+
+def test_deflated_dataset_stored_as_received(start_service: ServiceFactory) -> None:
+    """Deflated Explicit VR Little Endian is walked through the capped streaming inflater and
+    stored exactly as received (still deflated); a corrupt deflate stream is 0xC000."""
+    deflated_ts = "1.2.840.10008.1.2.1.99"
+    svc = start_service()
+    raw = RawPeer("127.0.0.1", svc.server.port)  # type: ignore[union-attr]
+    result = raw.associate(SCU_AE, contexts=[(CT, [deflated_ts])])
+    assert isinstance(result, Accepted)
+    assert [ts for _, ts in result.contexts.values()] == [deflated_ts]
+    cx = next(iter(result.contexts))
+    ds, broken = ct_datasets(2, seed=5)
+    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    payload = packer.compress(encode_dataset(ds)) + packer.flush()
+    assert raw.c_store(cx, CT, ds.SOPInstanceUID, payload) == 0
+    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    corrupt = bytearray(packer.compress(encode_dataset(broken)) + packer.flush())
+    corrupt[len(corrupt) // 2 :] = bytes(len(corrupt) - len(corrupt) // 2)
+    assert raw.c_store(cx, CT, broken.SOPInstanceUID, bytes(corrupt)) == 0xC000
+    assert raw.release()
+    raw.close()
+    with svc.engine.connect() as c:
+        row = c.execute(select(Instance.sop_instance_uid, Instance.path)).one()
+    assert row.sop_instance_uid == ds.SOPInstanceUID
+    path = svc.spool.root / row.path
+    assert path.read_bytes()[-len(payload) :] == payload
+    assert pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID

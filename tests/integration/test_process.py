@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from sqlalchemy import create_engine, select
@@ -15,7 +16,16 @@ from sqlalchemy import create_engine, select
 from pacs_ai.db.models import Instance, Study, StudyState
 from pacs_ai.delivery.scu import Outgoing, Peer, SendResult, send
 from pacs_ai.ingest.spool import Spool
-from tests.conftest import PATIENT, SCU_AE, ct_datasets, make_settings, wait_for, write_all
+from tests.conftest import (
+    PATIENT,
+    SCU_AE,
+    ct_datasets,
+    dx_dataset,
+    make_settings,
+    wait_for,
+    write_all,
+)
+from tests.integration.orthanc import Orthanc
 from tests.integration.process import ServerProcess, write_config
 
 
@@ -162,3 +172,129 @@ def test_no_phi_in_logs(server: tuple[ServerProcess, int, str], tmp_path: Path) 
         assert needle not in logs, f"PHI/identifier {needle!r} found in logs"
     ds = pydicom.dcmread(files[0])
     assert ds.PatientName == PATIENT.name  # the data did carry it
+
+
+def test_no_phi_in_any_log_line_whole_service(tmp_path: Path, sqlite_url: str) -> None:
+    """The whole service as a process (listener, pipeline, delivery to a real PACS) on
+    PHI-bearing datasets and malformed ones (bad VR, impossible lengths, truncation, hostile
+    and colliding UIDs, values pydicom warns about): no patient name, ID, birth date,
+    accession number or UID of any of them appears in any log line."""
+    pacs = Orthanc(tmp_path / "orthanc", {"pacsai": ("PACS_AI", 1)})
+    pacs.start()
+    settings = make_settings(
+        tmp_path,
+        sqlite_url,
+        logging={"level": "DEBUG"},
+        pipeline={"enabled": True, "poll_seconds": 0.5},
+        destinations=[
+            {
+                "name": "orthanc",
+                "ae_title": pacs.aet,
+                "host": "127.0.0.1",
+                "port": pacs.dicom_port,
+                "objects": ["sr", "summary", "text_sr"],
+                "timeout_seconds": 10,
+            }
+        ],
+        delivery={"retry_ladder_seconds": [0.5], "poll_seconds": 0.3},
+    )
+    cfg = write_config(settings, tmp_path / "config.toml")
+    proc = ServerProcess(cfg, tmp_path / "server.log")
+    try:
+        assert proc.cli("db", "upgrade", "--config", str(cfg)).returncode == 0
+        proc.start(settings.dicom.port)
+        sent = _send_phi_and_malformed(settings.dicom.port)
+        engine = create_engine(sqlite_url)
+
+        def delivered() -> bool:
+            with engine.connect() as c:
+                state = c.scalar(select(Study.state).where(Study.study_uid == sent.good_study))
+            return state == StudyState.DELIVERED
+
+        wait_for(delivered, timeout=120, what="the PHI-bearing study delivered to the PACS")
+        engine.dispose()
+        proc.terminate()
+    finally:
+        proc.stop()
+        pacs.stop()
+    logs = (tmp_path / "server.log").read_text()
+    assert "refused with 0xC000" in logs and "to orthanc: ok" in logs  # the logs did speak
+    for needle in sent.forbidden:
+        assert needle not in logs, f"PHI/identifier {needle!r} found in the service log"
+
+
+class _Sent:
+    def __init__(self) -> None:
+        self.forbidden: list[str] = [
+            str(PATIENT.name),
+            "Doe^",
+            "Secret",
+            PATIENT.patient_id,
+            PATIENT.birth_date,
+            "Quux^Mallory",
+            "MAL-778899",
+            "ACC-PHI-42",
+        ]
+        self.good_study = ""
+
+    def add(self, ds: pydicom.Dataset) -> pydicom.Dataset:
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            if keyword in ds and len(str(ds.get(keyword))) > 20:
+                self.forbidden.append(str(ds.get(keyword)))
+        if ds.get("AccessionNumber"):
+            self.forbidden.append(str(ds.AccessionNumber))
+        return ds
+
+
+def _send_phi_and_malformed(port: int) -> _Sent:
+    from pacs_ai.training import dicomwriter as dw
+    from pacs_ai.training.phantoms import cxr_phantom
+    from tests.integration.rawpeer import EXPLICIT_LE, Accepted, RawPeer, encode_dataset
+
+    sent = _Sent()
+    rng = np.random.default_rng(0)
+    good = dw.xray_image(200 + cxr_phantom("covid", rng, 256) * 3500, patient=PATIENT)
+    good.AccessionNumber = "ACC-PHI-42"
+    sent.add(good)
+    sent.good_study = good.StudyInstanceUID
+    mallory = dw.Patient(name="Quux^Mallory", patient_id="MAL-778899", birth_date="19700101")
+    dx_class = good.SOPClassUID
+
+    def dx(seed: int) -> pydicom.Dataset:
+        return sent.add(dx_dataset(size=64, seed=seed, patient=mallory))
+
+    raw = RawPeer("127.0.0.1", port, timeout=30)
+    result = raw.associate(SCU_AE, contexts=[(dx_class, [EXPLICIT_LE])])
+    assert isinstance(result, Accepted)
+    cx = next(iter(result.contexts))
+
+    def c_store(ds: pydicom.Dataset, data: bytes | None = None, uid: str | None = None) -> int:
+        payload = encode_dataset(ds) if data is None else data
+        return raw.c_store(cx, dx_class, uid or ds.SOPInstanceUID, payload)
+
+    assert c_store(good) == 0
+    warned = dx(1)
+    warned.StudyDate = "Doe^Secret"  # pydicom warns about an invalid DA, quoting the value
+    warned.ContentTime = "Quux^Mallory"
+    statuses = [c_store(warned)]
+    bad_vr = dx(2)
+    data = encode_dataset(bad_vr)
+    at = data.index(b"\x10\x00\x10\x00PN")
+    statuses.append(c_store(bad_vr, data[:at] + b"\x10\x00\x10\x00Q!" + data[at + 6 :]))
+    bad_len = dx(3)
+    data = encode_dataset(bad_len)
+    at = data.index(b"\x28\x00\x10\x00US")
+    rows_of_3_bytes = b"\x28\x00\x10\x00US\x03\x00abc"
+    statuses.append(c_store(bad_len, data[:at] + rows_of_3_bytes + data[at + 10 :]))
+    truncated = dx(4)
+    data = encode_dataset(truncated)
+    statuses.append(c_store(truncated, data[: data.index(b"\x10\x00\x20\x00LO") + 11]))
+    mismatch = dx(5)
+    statuses.append(c_store(mismatch, uid=dx(6).SOPInstanceUID))
+    collide = dx(7)
+    collide.SeriesInstanceUID = good.SeriesInstanceUID
+    statuses.append(c_store(collide))
+    assert raw.release()
+    raw.close()
+    assert statuses == [0, 0xC000, 0xC000, 0xC000, 0xA900, 0xC006]
+    return sent

@@ -3,8 +3,11 @@ plain TCP to the TLS port gets nothing, and client certificates are enforced whe
 
 from __future__ import annotations
 
+import select as io_select
+import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +132,42 @@ def test_tls_association_and_plain_tcp_refused(start_service: ServiceFactory, pk
     assert rows[0] == (True, True, "released")
     assert all(r.tls for r in rows)
     assert [r.end_reason for r in rows[1:]] == ["tls_failed", "tls_failed"]
+
+
+def test_tls_handshake_has_one_total_deadline(start_service: ServiceFactory, pki: Path) -> None:
+    """A client trickling its TLS ClientHello is cut off once acse_timeout has passed in
+    total (handshake and A-ASSOCIATE-RQ share one deadline), and recorded as tls_failed."""
+    svc = start_service(
+        dicom={"acse_timeout": 1.0},
+        tls={
+            "enabled": True,
+            "cert_file": str(pki / "server.pem"),
+            "key_file": str(pki / "server.key"),
+        },
+    )
+    raw = RawPeer("127.0.0.1", svc.server.port)  # type: ignore[union-attr]
+    hello = b"\x16\x03\x01\x3e\x80" + bytes(200)  # a handshake record of 16000 bytes, begun
+    started = time.monotonic()
+    closed = False
+    for byte in hello:
+        try:
+            raw.send_raw(bytes([byte]))
+            readable, _, _ = io_select.select([raw.sock], [], [], 0.1)
+            if readable and raw.sock.recv(1, socket.MSG_PEEK) in (b"", b"\x15"):
+                closed = True
+        except OSError:
+            closed = True
+        if closed:
+            break
+    elapsed = time.monotonic() - started
+    assert closed and 1.0 <= elapsed < 1.8, f"closed={closed} after {elapsed:.2f} s"
+
+    def rows() -> list[tuple[str | None, str | None]]:
+        with svc.engine.connect() as c:
+            return [
+                (r.end_reason, r.reject_reason)
+                for r in c.execute(select(Association.end_reason, Association.reject_reason))
+            ]
+
+    wait_for(lambda: len(rows()) == 1, what="the failed handshake recorded")
+    assert rows() == [("tls_failed", "TLS handshake timed out")]
