@@ -106,6 +106,11 @@ class ModelProvider:
                 )
             return self._models[key]
 
+    def loaded(self) -> bool:
+        """Every model is loaded (for /readyz)."""
+        with self._lock:
+            return {"cxr", "ct"} <= self._models.keys()
+
     def preload(self) -> None:
         for key in ("cxr", "ct"):
             try:

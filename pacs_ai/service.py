@@ -7,6 +7,7 @@ import datetime as dt
 import logging
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 from pacs_ai.assembly import Assembler
 from pacs_ai.config import Settings
@@ -18,6 +19,9 @@ from pacs_ai.ingest.server import DicomServer
 from pacs_ai.ingest.spool import Spool
 from pacs_ai.pipeline import ModelProvider, Pipeline
 from pacs_ai.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from pacs_ai.web import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +41,14 @@ class Service:
         self.scheduler = Scheduler()
         self.outbox = Outbox(self.engine, settings)
         self.pipeline: Pipeline | None = None
+        self.models: ModelProvider | None = None
         if settings.pipeline.enabled or not listener:
+            self.models = ModelProvider(settings)
             self.pipeline = Pipeline(
                 self.engine,
                 settings,
                 self.outbox,
-                ModelProvider(settings),
+                self.models,
                 on_reported=self._deliver_now,
             )
         self.assembler: Assembler | None = None
@@ -56,6 +62,24 @@ class Service:
             self.server = DicomServer(
                 settings, self.engine, self.spool, on_association_end=self._association_ended
             )
+
+        self.http = self._make_http() if settings.http.enabled else None
+
+    # --- HTTP face: console, /metrics, /healthz, /readyz (issue 9) ---------------------------
+
+    def _make_http(self) -> HttpServer:
+        from pacs_ai.web import HttpServer, WebContext, build_app
+
+        server, models, pipeline = self.server, self.models, self.pipeline
+        ctx = WebContext(
+            settings=self.settings,
+            engine=self.engine,
+            listener_accepting=(lambda: server.accepting) if server else None,
+            models_loaded=models.loaded if models else None,
+            wake_outbox=self._deliver_now,
+            wake_pipeline=pipeline.wake if pipeline else None,
+        )
+        return HttpServer(self.settings.http, build_app(ctx))
 
     def _association_ended(self, _assoc_id: int) -> None:
         # Slightly after the grace period ends, so the sweep finds the series due.
@@ -77,6 +101,9 @@ class Service:
 
     def start(self) -> None:
         self.check_schema()
+        if self.http is not None:  # first: a port in use fails the start before anything runs
+            self.http.start()
+            self._announce_console()
         if self.server is not None:
             recover(self.spool, self.engine)
         if self.assembler is not None:
@@ -107,8 +134,18 @@ class Service:
         if self.server is not None:
             self.server.start()
 
+    def _announce_console(self) -> None:
+        from pacs_ai.web.users import count_users
+
+        assert self.http is not None
+        print(f"pacs-ai console: {self.http.url}", flush=True)
+        if count_users(self.engine) == 0:
+            log.warning("no console users yet: `pacs-ai user add NAME --role admin`")
+
     def stop(self) -> None:
         log.info("shutting down")
+        if self.http is not None:
+            self.http.stop()
         if self.server is not None:
             self.server.stop()
         if self.pipeline is not None:

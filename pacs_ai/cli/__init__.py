@@ -14,7 +14,7 @@ from pacs_ai import __version__
 from pacs_ai.errors import ConfigError, PacsAiError
 
 # Sub-modules registering commands, in the order --help lists them.
-_COMMAND_MODULES = ("serve", "net", "db", "audit", "deliveries", "models")
+_COMMAND_MODULES = ("serve", "net", "db", "audit", "deliveries", "models", "user")
 
 
 def build_parser() -> argparse.ArgumentParser:

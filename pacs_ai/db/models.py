@@ -299,3 +299,21 @@ class AuditEvent(Base):
     object_id: Mapped[int | None] = mapped_column(Integer)
     outcome: Mapped[str] = mapped_column(String(20))  # ok | refused | error | warning
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class UserRole(enum.StrEnum):
+    ADMIN = "admin"  # sees PHI, downloads objects, runs actions
+    VIEWER = "viewer"  # sees state and results, never PHI
+
+
+class User(Base):
+    """A console user (``pacs-ai user add``); the password is stored as an argon2 hash."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[UserRole] = mapped_column(_enum(UserRole, "user_role"))
+    password_hash: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_login_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

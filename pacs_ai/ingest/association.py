@@ -12,6 +12,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from pacs_ai.ingest.recorder import AssociationCache, IngestRecorder, RecordOutc
 from pacs_ai.ingest.spool import PendingFile, Spool, part10_header
 from pacs_ai.ingest.validation import check_uid, read_and_validate
 from pacs_ai.logs import uid_ref
+from pacs_ai.telemetry import observe_store
 
 log = logging.getLogger(__name__)
 
@@ -356,6 +358,7 @@ class AssociationHandler:
     def _complete_store(self, stream: p.PduStream, neg: Negotiated, msg: _Message) -> None:
         cmd = msg.command
         assert cmd is not None
+        started = time.perf_counter()
         error = msg.error
         pending = msg.pending
         msg.pending = None
@@ -364,6 +367,7 @@ class AssociationHandler:
         elif pending is not None:
             pending.discard()
         self._respond_store(stream, neg, msg, error)
+        observe_store(time.perf_counter() - started, error is None)  # /metrics (issue 9)
 
     def _store(self, neg: Negotiated, msg: _Message, pending: PendingFile) -> StoreError | None:
         cmd = msg.command

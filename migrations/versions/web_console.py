@@ -1,0 +1,35 @@
+"""console users; indexes for the console's lists and /metrics
+
+Revision ID: web
+Revises: 0001
+Create Date: 2026-12-02
+
+"""
+from typing import Sequence, Union
+
+from alembic import op
+import sqlalchemy as sa
+import pacs_ai.db.models
+
+
+revision: str = 'web'
+down_revision: Union[str, Sequence[str], None] = '0001'
+branch_labels: Union[str, Sequence[str], None] = None
+depends_on: Union[str, Sequence[str], None] = None
+
+
+def upgrade() -> None:
+    op.create_table('users',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('name', sa.String(length=64), nullable=False),
+    sa.Column('role', sa.Enum('admin', 'viewer', name='user_role', native_enum=False, length=20), nullable=False),
+    sa.Column('password_hash', sa.String(length=200), nullable=False),
+    sa.Column('created_at', pacs_ai.db.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('last_login_at', pacs_ai.db.models.UTCDateTime(timezone=True), nullable=True),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_users')),
+    sa.UniqueConstraint('name', name=op.f('uq_users_name'))
+    )
+
+
+def downgrade() -> None:
+    op.drop_table('users')
