@@ -63,15 +63,14 @@ def redeliver_study(engine: Engine, settings: Settings, study_id: int, actor: st
         if latest is None:
             write_audit(conn, actor, "study_redeliver", "refused", "study", study_id)
             raise ActionRefused("the study has no report objects")
-        reports = (
-            conn.execute(
+        reports = [
+            (int(r.id), str(r.kind))
+            for r in conn.execute(
                 select(Report.id, Report.kind).where(
                     Report.study_id == study_id, Report.study_revision == latest
                 )
             )
-            .tuples()
-            .all()
-        )
+        ]
         created = outbox.enqueue(conn, study_id, list(reports))
         write_audit(conn, actor, "study_redeliver", "ok", "study", study_id, {"created": created})
     with engine.connect() as conn:

@@ -24,7 +24,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import ColumnElement, Connection, Engine, Select, func, select
+from sqlalchemy import ColumnElement, Connection, Engine, Select, func, literal, select
 
 from pacs_ai.config import Settings
 from pacs_ai.db.models import (
@@ -156,7 +156,7 @@ class DatabaseCollector(Collector):
             Association.id,
             [Association.accepted, Association.end_reason],
             [
-                func.count(),
+                literal(1),
                 Association.instances_stored,
                 Association.instances_failed,
                 Association.bytes_received,
@@ -166,7 +166,7 @@ class DatabaseCollector(Collector):
         self._findings = _Tally(
             Finding.id,
             [Finding.model_name, Finding.label, Finding.present],
-            [func.count()],
+            [literal(1)],
         )
         self._jobs = _JobDurations()
 
@@ -206,9 +206,10 @@ class DatabaseCollector(Collector):
         yield associations
 
         studies = GaugeMetricFamily("pacs_ai_studies", "Studies by state.", labels=["state"])
-        by_state = dict(
-            conn.execute(select(Study.state, func.count()).group_by(Study.state)).tuples().all()
-        )
+        by_state = {
+            r[0]: r[1]
+            for r in conn.execute(select(Study.state, func.count()).group_by(Study.state))
+        }
         for state in StudyState:
             studies.add_metric([state.value], by_state.get(state, 0))
         yield studies
@@ -259,11 +260,10 @@ class DatabaseCollector(Collector):
         deliveries = GaugeMetricFamily(
             "pacs_ai_deliveries", "Report deliveries by state.", labels=["state"]
         )
-        d_state = dict(
-            conn.execute(select(Delivery.state, func.count()).group_by(Delivery.state))
-            .tuples()
-            .all()
-        )
+        d_state = {
+            r[0]: r[1]
+            for r in conn.execute(select(Delivery.state, func.count()).group_by(Delivery.state))
+        }
         for d in DeliveryState:
             deliveries.add_metric([d.value], d_state.get(d, 0))
         yield deliveries
@@ -278,6 +278,8 @@ class DatabaseCollector(Collector):
 
     def _spool(self) -> Iterator[Metric]:
         path = self._settings.storage.path
+        while not path.exists() and path.parent != path:  # not created yet: its file system
+            path = path.parent
         try:
             free = shutil.disk_usage(path).free
         except OSError:

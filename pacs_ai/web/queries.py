@@ -159,14 +159,14 @@ def overview(engine: Engine, now: dt.datetime | None = None) -> dict[str, Any]:
     day_ago = now - dt.timedelta(hours=24)
     hour0 = now.replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=23)
     with engine.connect() as conn:
-        by_state = dict(
-            conn.execute(select(Study.state, func.count()).group_by(Study.state)).tuples().all()
-        )
-        deliveries = dict(
-            conn.execute(select(Delivery.state, func.count()).group_by(Delivery.state))
-            .tuples()
-            .all()
-        )
+        by_state = {
+            r[0]: r[1]
+            for r in conn.execute(select(Study.state, func.count()).group_by(Study.state))
+        }
+        deliveries = {
+            r[0]: r[1]
+            for r in conn.execute(select(Delivery.state, func.count()).group_by(Delivery.state))
+        }
         assoc = conn.execute(
             select(
                 func.count(),
