@@ -23,7 +23,7 @@ run: $(STAMP)
 
 system-deps:
 	@missing=""; \
-	for tool in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools pg_ctlcluster:postgresql openssl:openssl; do \
+	for tool in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools pg_ctlcluster:postgresql openssl:openssl chromium:chromium chromedriver:chromium-driver; do \
 	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \

@@ -27,6 +27,8 @@ PACKAGES = {
     "echoscu": "dcmtk",
     "Orthanc": "orthanc",
     "openssl": "openssl",
+    "chromium": "chromium",
+    "chromedriver": "chromium-driver",
 }
 
 
