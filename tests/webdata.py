@@ -42,8 +42,11 @@ def seed_study(
     state: StudyState = StudyState.REPORTED,
     delivery_state: DeliveryState = DeliveryState.DEAD,
     present: bool = True,
+    patient_name: str = HOSTILE_NAME,
+    minutes_ago: float = 0.0,
+    modality: str = "DX",
 ) -> Seeded:
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=minutes_ago)
     uid = f"1.2.826.0.1.3680043.10.9999.{n}"
     with engine.begin() as c:
         aid = c.execute(
@@ -69,7 +72,7 @@ def seed_study(
             .values(
                 study_uid=uid,
                 patient_id=PATIENT_ID,
-                patient_name=HOSTILE_NAME,
+                patient_name=patient_name,
                 accession_number=ACCESSION,
                 study_date="20261201",
                 study_description="CHEST PA",
@@ -88,7 +91,7 @@ def seed_study(
             .values(
                 study_id=sid,
                 series_uid=f"{uid}.1",
-                modality="DX",
+                modality=modality,
                 body_part="CHEST",
                 state=SeriesState.COMPLETE,
                 instance_count=1,
@@ -166,8 +169,13 @@ def seed_study(
                 port=4242,
                 state=delivery_state,
                 attempts=3,
-                last_error="connection refused",
+                last_error=None
+                if delivery_state == DeliveryState.DELIVERED
+                else "connection refused",
                 created_at=now - dt.timedelta(minutes=3),
+                delivered_at=now - dt.timedelta(minutes=2, seconds=55)
+                if delivery_state == DeliveryState.DELIVERED
+                else None,
             )
             .returning(Delivery.id)
         ).scalar_one()

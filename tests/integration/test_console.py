@@ -34,6 +34,7 @@ from tests.integration.conftest import ServiceFactory
 from tests.integration.orthanc import Orthanc
 from tests.integration.test_e2e import storescu
 from tests.tools import require_tool
+from tests.webdata import seed_study
 
 HOSTILE = dw.Patient(
     name="<script>alert(1)</script>^Mallory", patient_id="PHI-ID-4242", birth_date="19750505"
@@ -135,7 +136,7 @@ class Page:
 
 
 def _http(url: str, data: dict[str, str] | None = None, cookie: str | None = None) -> int:
-    req = urllib.request.Request(
+    req = urllib.request.Request(  # noqa: S310 - loopback http only
         url, data=urllib.parse.urlencode(data).encode() if data is not None else None
     )
     if cookie:
@@ -153,6 +154,24 @@ def _http(url: str, data: dict[str, str] | None = None, cookie: str | None = Non
             return int(rsp.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
+
+
+def _a_day_of_studies(svc: Service) -> None:
+    rng = np.random.default_rng(7)
+    names = ["Doe^Jane", "Roe^Richard", "Smith^Anna", "Garcia^Luis", "Chen^Wei", "Okafor^Ada"]
+    states = [StudyState.DELIVERED] * 8 + [StudyState.NOT_APPLICABLE, StudyState.FAILED]
+    for n in range(100, 160):
+        state = states[n % len(states)] if n % 17 else StudyState.REPORTED
+        seed_study(
+            svc.engine,
+            n=n,
+            state=state,
+            delivery_state=DeliveryState.DELIVERED if n % 17 else DeliveryState.DEAD,
+            present=bool(rng.random() < 0.3),
+            patient_name=names[n % len(names)],
+            minutes_ago=float(rng.uniform(5, 23 * 60)),
+            modality="CT" if n % 4 == 0 else "DX",
+        )
 
 
 def _state_of_deliveries(svc: Service, uid: str) -> list[DeliveryState]:
@@ -309,6 +328,13 @@ def test_console_in_a_real_browser(
     for shot in shots.iterdir():
         assert shot.stat().st_size < 300_000, shot
     keep = os.environ.get("PACS_AI_SCREENSHOTS")
-    if keep:
+    if keep:  # for the README: the overview and list again, with a day of made-up traffic
+        _a_day_of_studies(svc)
+        page.logout()
+        page.login("alice", ADMIN_PW)
+        page.open("/")
+        page.shot(shots, "overview")
+        page.open("/studies")
+        page.shot(shots, "studies")
         for shot in shots.iterdir():
             shutil.copy(shot, Path(keep) / shot.name)
