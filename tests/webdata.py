@@ -45,6 +45,8 @@ def seed_study(
     patient_name: str = HOSTILE_NAME,
     minutes_ago: float = 0.0,
     modality: str = "DX",
+    patient_id: str = PATIENT_ID,
+    accession: str = ACCESSION,
 ) -> Seeded:
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=minutes_ago)
     uid = f"1.2.826.0.1.3680043.10.9999.{n}"
@@ -71,9 +73,9 @@ def seed_study(
             insert(Study)
             .values(
                 study_uid=uid,
-                patient_id=PATIENT_ID,
+                patient_id=patient_id,
                 patient_name=patient_name,
-                accession_number=ACCESSION,
+                accession_number=accession,
                 study_date="20261201",
                 study_description="CHEST PA",
                 state=state,
@@ -124,8 +126,8 @@ def seed_study(
                 state=JobState.SUCCEEDED,
                 models="cxr-demo 1.0",
                 device="cpu",
-                started_at=now - dt.timedelta(minutes=4),
-                finished_at=now - dt.timedelta(minutes=4) + dt.timedelta(seconds=1.5),
+                started_at=now - dt.timedelta(minutes=5),
+                finished_at=now - dt.timedelta(minutes=5) + dt.timedelta(seconds=1.5),
                 duration_ms=1500.0,
             )
             .returning(Job.id)
@@ -173,7 +175,7 @@ def seed_study(
                 if delivery_state == DeliveryState.DELIVERED
                 else "connection refused",
                 created_at=now - dt.timedelta(minutes=3),
-                delivered_at=now - dt.timedelta(minutes=2, seconds=55)
+                delivered_at=now - dt.timedelta(minutes=4, seconds=57)
                 if delivery_state == DeliveryState.DELIVERED
                 else None,
             )

@@ -29,7 +29,22 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_users')),
     sa.UniqueConstraint('name', name=op.f('uq_users_name'))
     )
+    # what the console's overview, lists and searches filter on (benchmarks/console.py)
+    with op.batch_alter_table('studies', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_studies_accession_number'), ['accession_number'], unique=False)
+        batch_op.create_index(batch_op.f('ix_studies_first_received_at'), ['first_received_at'], unique=False)
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_jobs_started_at'), ['started_at'], unique=False)
+    with op.batch_alter_table('deliveries', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_deliveries_delivered_at'), ['delivered_at'], unique=False)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('deliveries', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_deliveries_delivered_at'))
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_jobs_started_at'))
+    with op.batch_alter_table('studies', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_studies_first_received_at'))
+        batch_op.drop_index(batch_op.f('ix_studies_accession_number'))
     op.drop_table('users')

@@ -159,13 +159,13 @@ def _http(url: str, data: dict[str, str] | None = None, cookie: str | None = Non
 def _a_day_of_studies(svc: Service) -> None:
     rng = np.random.default_rng(7)
     names = ["Doe^Jane", "Roe^Richard", "Smith^Anna", "Garcia^Luis", "Chen^Wei", "Okafor^Ada"]
-    states = [StudyState.DELIVERED] * 8 + [StudyState.NOT_APPLICABLE, StudyState.FAILED]
     for n in range(100, 160):
-        state = states[n % len(states)] if n % 17 else StudyState.REPORTED
         seed_study(
             svc.engine,
             n=n,
-            state=state,
+            state=StudyState.DELIVERED if n % 17 else StudyState.REPORTED,
+            patient_id=f"PID{40000 + n * 37}",
+            accession=f"A{7700 + n}",
             delivery_state=DeliveryState.DELIVERED if n % 17 else DeliveryState.DEAD,
             present=bool(rng.random() < 0.3),
             patient_name=names[n % len(names)],
