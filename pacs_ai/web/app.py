@@ -56,6 +56,10 @@ CSP = (
 )
 
 
+# Probes and scrapers get no session cookie.
+_MACHINE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 class _LoginRequired(Exception):
     pass
 
@@ -532,7 +536,8 @@ class _SessionMiddleware(BaseHTTPMiddleware):
             request.state.user = await run_in_threadpool(lookup, console.ctx.engine, session.user)
         response = await call_next(request)
         new = request.state.session
-        if fresh or new is not session or session.user is not None:
+        machine = fresh and request.url.path in _MACHINE_PATHS
+        if not machine and (fresh or new is not session or session.user is not None):
             # re-signed on each request: the expiry slides with activity
             response.set_cookie(
                 COOKIE,

@@ -196,14 +196,18 @@ class DatabaseCollector(Collector):
         )
         associations = CounterMetricFamily(
             "pacs_ai_associations",
-            "DICOM associations by result and reason (end reason; open ones: open).",
+            "Ended DICOM associations by result and reason (how they ended).",
             labels=["result", "reason"],
         )
         for (accepted, reason), vals in sorted(assoc.items(), key=lambda kv: str(kv[0])):
-            associations.add_metric(
-                ["accepted" if accepted else "rejected", reason or "open"], vals[0]
-            )
+            if reason is not None:  # still open: counted when it ends
+                associations.add_metric(["accepted" if accepted else "rejected", reason], vals[0])
         yield associations
+        yield GaugeMetricFamily(
+            "pacs_ai_associations_open",
+            "DICOM associations open now.",
+            value=sum(v[0] for (_, reason), v in assoc.items() if reason is None),
+        )
 
         studies = GaugeMetricFamily("pacs_ai_studies", "Studies by state.", labels=["state"])
         by_state = {

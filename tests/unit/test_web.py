@@ -342,3 +342,99 @@ def test_user_cli_reads_the_password_from_stdin(tmp_path: Path) -> None:
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(User)) == 0
     engine.dispose()
+
+
+def test_probes_get_no_cookie(console: Console) -> None:
+    c = console.client()
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert "set-cookie" not in c.get(path).headers, path
+    assert "set-cookie" in c.get("/login").headers
+
+
+def test_login_redirects_only_to_local_paths(console: Console) -> None:
+    c = console.client()
+    for target, expected in (
+        ("//evil.example/x", "/"),
+        ("https://evil.example/", "/"),
+        ("/studies?state=failed", "/studies?state=failed"),
+    ):
+        page = c.get("/login")
+        r = c.post(
+            "/login",
+            data={
+                "username": "alice",
+                "password": ADMIN_PW,
+                "csrf": csrf_of(page.text),
+                "next": target,
+            },
+        )
+        assert r.status_code == 303 and r.headers["location"] == expected
+
+
+def test_removing_a_user_ends_their_session(console: Console) -> None:
+    from pacs_ai.web.users import remove_user
+
+    c = console.client()
+    assert login(c, "victor", VIEWER_PW) == 303
+    assert c.get("/studies").status_code == 200
+    assert remove_user(console.engine, "victor")
+    assert c.get("/studies").status_code == 302
+
+
+def test_redeliver_queues_delivered_reports_again(tmp_path: Path) -> None:
+    from pacs_ai.web import actions
+
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    prepared_database(settings)
+    engine = make_engine(settings.database)
+    s = seed_study(engine, state=StudyState.DELIVERED, delivery_state=DeliveryState.DELIVERED)
+    assert actions.redeliver_study(engine, settings, s.study_id, "admin:alice") == 1
+    with engine.connect() as conn:
+        row = conn.execute(select(Delivery.state, Delivery.attempts, Delivery.delivered_at)).one()
+        actions_logged = conn.scalars(
+            select(AuditEvent.action)
+            .where(AuditEvent.actor == "admin:alice")
+            .order_by(AuditEvent.id)
+        ).all()
+    engine.dispose()
+    assert tuple(row) == (DeliveryState.PENDING, 0, None)
+    assert actions_logged == ["study_redeliver", "delivery_requeued"]
+
+
+def test_open_associations_are_counted_once_they_settle(console: Console) -> None:
+    from sqlalchemy import insert, update
+
+    from pacs_ai.db.models import Association
+
+    c = console.client()
+    stored = ("pacs_ai_instances_received_total", (("outcome", "stored"),))
+    assert _metrics(c)[stored] == 1
+    with console.engine.begin() as conn:
+        open_id = conn.execute(
+            insert(Association)
+            .values(
+                calling_ae="CT1",
+                called_ae="PACS_AI",
+                peer_host="127.0.0.1",
+                peer_port=1,
+                accepted=True,
+                instances_stored=2,
+            )
+            .returning(Association.id)
+        ).scalar_one()
+    seed_study(console.engine, n=2)  # a later association that has ended
+    m = _metrics(c)
+    assert m[stored] == 1 + 2 + 1
+    assert m[("pacs_ai_associations_open", ())] == 1
+    assert m[("pacs_ai_associations_total", (("reason", "released"), ("result", "accepted")))] == 2
+    with console.engine.begin() as conn:
+        conn.execute(
+            update(Association)
+            .where(Association.id == open_id)
+            .values(instances_stored=5, ended_at=func.now(), end_reason="released")
+        )
+    m = _metrics(c)
+    assert m[stored] == 1 + 5 + 1
+    assert m[("pacs_ai_associations_open", ())] == 0
+    assert m[("pacs_ai_associations_total", (("reason", "released"), ("result", "accepted")))] == 3
+    assert _metrics(c)[stored] == 7  # and stays so
