@@ -256,7 +256,7 @@ class _Console:
             before_id=_int(q.get("before")),
         )
         page = await run_in_threadpool(queries.studies, self.ctx.engine, f, user.is_admin)
-        labels = await run_in_threadpool(queries.finding_labels, self.ctx.engine)
+        labels = self._finding_labels()
         params = {k: v for k, v in q.items() if k != "before" and v}
         if not user.is_admin:
             params.pop("accession", None)
@@ -426,6 +426,15 @@ class _Console:
         await self.user(request)
         cards = [(key, _load_card(d)) for key, d in self._model_dirs().items()]
         return self.page(request, "models.html", cards=cards)
+
+    def _finding_labels(self) -> list[str]:
+        """Finding labels of the configured models (for the studies filter)."""
+        labels: set[str] = set()
+        for directory in self._model_dirs().values():
+            for f in _load_card(directory).get("findings", []):
+                if isinstance(f, dict) and isinstance(f.get("label"), str):
+                    labels.add(f["label"])
+        return sorted(labels)
 
     def _model_dirs(self) -> dict[str, Path]:
         inf = self.ctx.settings.inference

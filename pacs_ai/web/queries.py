@@ -117,13 +117,6 @@ def _day_start(day: dt.date) -> dt.datetime:
     return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
 
 
-def finding_labels(engine: Engine) -> list[str]:
-    """Labels to offer in the studies filter: from the model cards would need the models; the
-    findings table has them (distinct over an index-less column, so capped)."""
-    with engine.connect() as conn:
-        return sorted(conn.scalars(select(Finding.label).distinct().limit(50)).all())
-
-
 def study_detail(engine: Engine, study_id: int, show_phi: bool) -> dict[str, Any] | None:
     with engine.connect() as conn:
         uid = conn.scalar(select(Study.study_uid).where(Study.id == study_id))

@@ -76,3 +76,10 @@ def test_allowlist_binds_ae_to_network(tmp_path: Path) -> None:
     assert access.is_allowed("DX1", "10.9.9.9") and not access.is_allowed("DX1", "10.9.9.8")
     assert not access.is_allowed("OTHER", "10.9.9.9")
     assert not access.is_allowed("CT1", "garbage")
+
+
+def test_http_defaults_and_override() -> None:
+    s = load_settings(env={"PACS_AI_HTTP__PORT": "8181"})
+    assert s.http.enabled is True and s.http.host == "127.0.0.1" and s.http.port == 8181
+    assert s.http.secret_key_file == (DEFAULT_CONFIG.parent / "var/console-secret.key").resolve()
+    assert s.http.metrics_public is True and s.http.tls is False
