@@ -7,7 +7,7 @@ then requests the overview, the studies list (plain and filtered) and /metrics t
 ASGI app in-process (rendering included, no network) and prints p50/p95 per page.
 
     python benchmarks/console.py                       # both databases, full size
-    python benchmarks/console.py --studies 10000 --db sqlite --json var/console-bench.json
+    python benchmarks/console.py --studies 10000 --db sqlite --json benchmarks/results/console.json
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ def main() -> int:
     ap.add_argument("--instances-per-study", type=int, default=10)
     ap.add_argument("--db", choices=("sqlite", "postgresql", "both"), default="both")
     ap.add_argument("--repeat", type=int, default=40)
-    ap.add_argument("--json", type=Path, default=Path("var/console-bench.json"))
+    ap.add_argument("--json", type=Path, default=Path("benchmarks/results/console.json"))
     args = ap.parse_args()
     backends = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
     results = {b: run(b, args.studies, args.instances_per_study, args.repeat) for b in backends}

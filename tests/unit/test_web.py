@@ -438,3 +438,12 @@ def test_open_associations_are_counted_once_they_settle(console: Console) -> Non
     assert m[("pacs_ai_associations_open", ())] == 0
     assert m[("pacs_ai_associations_total", (("reason", "released"), ("result", "accepted")))] == 3
     assert _metrics(c)[stored] == 7  # and stays so
+
+
+def test_logout_ends_the_session(console: Console) -> None:
+    c = console.client()
+    assert login(c, "alice", ADMIN_PW) == 303
+    token = csrf_of(c.get("/").text)
+    r = c.post("/logout", data={"csrf": token})
+    assert r.status_code == 303 and r.headers["location"] == "/login"
+    assert c.get("/").status_code == 302
