@@ -24,7 +24,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import ColumnElement, Connection, Engine, Select, func, literal, select
+from sqlalchemy import ColumnElement, Connection, Engine, Select, case, func, literal, select
 
 from pacs_ai.config import Settings
 from pacs_ai.db.models import (
@@ -106,39 +106,6 @@ def _add(into: dict[Key, list[float]], other: dict[Key, list[float]]) -> None:
             cur[i] += v
 
 
-class _JobDurations:
-    """Histogram of finished jobs' durations per model and outcome, read incrementally."""
-
-    def __init__(self) -> None:
-        self._hwm = 0
-        self._buckets: dict[tuple[str, str], list[int]] = {}
-        self._sums: dict[tuple[str, str], float] = {}
-
-    def read(
-        self, conn: Connection
-    ) -> tuple[dict[tuple[str, str], list[int]], dict[tuple[str, str], float]]:
-        first_open = conn.scalar(
-            select(func.min(Job.id)).where(Job.id > self._hwm, Job.finished_at.is_(None))
-        )
-        new_hwm = (
-            first_open - 1 if first_open is not None else conn.scalar(select(func.max(Job.id))) or 0
-        )
-        if new_hwm > self._hwm:
-            for models, state, ms in conn.execute(
-                select(Job.models, Job.state, Job.duration_ms).where(
-                    Job.id > self._hwm, Job.id <= new_hwm, Job.duration_ms.is_not(None)
-                )
-            ):
-                key = (models or "none", state.value)
-                counts = self._buckets.setdefault(key, [0] * (len(JOB_BUCKETS) + 1))
-                seconds = (ms or 0.0) / 1000.0
-                idx = next((i for i, b in enumerate(JOB_BUCKETS) if seconds <= b), len(JOB_BUCKETS))
-                counts[idx] += 1
-                self._sums[key] = self._sums.get(key, 0.0) + seconds
-            self._hwm = new_hwm
-        return self._buckets, self._sums
-
-
 class DatabaseCollector(Collector):
     """Collects on every scrape; one short read transaction."""
 
@@ -168,7 +135,18 @@ class DatabaseCollector(Collector):
             [Finding.model_name, Finding.label, Finding.present],
             [literal(1)],
         )
-        self._jobs = _JobDurations()
+        # Job durations as a histogram: cumulative bucket counts summed in SQL.
+        timed = Job.duration_ms.is_not(None)
+        self._jobs = _Tally(
+            Job.id,
+            [Job.models, Job.state],
+            [
+                case((timed, 1), else_=0),
+                Job.duration_ms / 1000.0,
+                *(case((Job.duration_ms <= b * 1000.0, 1), else_=0) for b in JOB_BUCKETS),
+            ],
+            settled=Job.finished_at.is_not(None),
+        )
 
     def describe(self) -> Iterable[Metric]:
         return []  # collected on demand only (no query at registration)
@@ -231,19 +209,25 @@ class DatabaseCollector(Collector):
             value=_age(now, oldest_ready),
         )
 
-        buckets, sums = self._jobs.read(conn)
         jobs = HistogramMetricFamily(
             "pacs_ai_job_duration_seconds",
             "Pipeline job durations (decode, preprocess, inference, report) per model set "
             "and outcome.",
             labels=["model", "state"],
         )
-        for key in sorted(buckets):
-            cumulative, acc = [], 0
-            for bound, n in zip((*JOB_BUCKETS, float("inf")), buckets[key], strict=True):
-                acc += n
-                cumulative.append((_le(bound), acc))
-            jobs.add_metric(list(key), cumulative, sums[key])
+        for (models, state), vals in sorted(
+            self._jobs.read(conn).items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))
+        ):
+            if not vals[0]:
+                continue  # running jobs: no duration yet
+            bounds = [_le(b) for b in JOB_BUCKETS] + ["+Inf"]
+            counts = [*vals[2:], vals[0]]
+            label = models or "none"
+            jobs.add_metric(
+                [label, state.value if hasattr(state, "value") else str(state)],
+                list(zip(bounds, counts, strict=True)),
+                vals[1],
+            )
         yield jobs
         running = conn.scalar(
             select(func.count()).select_from(Job).where(Job.state == JobState.RUNNING)
