@@ -33,18 +33,22 @@ def upgrade() -> None:
     with op.batch_alter_table('studies', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_studies_accession_number'), ['accession_number'], unique=False)
         batch_op.create_index(batch_op.f('ix_studies_first_received_at'), ['first_received_at'], unique=False)
+        batch_op.create_index('ix_studies_state_ready_at', ['state', 'ready_at'], unique=False)
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_jobs_started_at'), ['started_at'], unique=False)
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_deliveries_delivered_at'), ['delivered_at'], unique=False)
+        batch_op.create_index('ix_deliveries_state_created_at', ['state', 'created_at'], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
+        batch_op.drop_index('ix_deliveries_state_created_at')
         batch_op.drop_index(batch_op.f('ix_deliveries_delivered_at'))
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_jobs_started_at'))
     with op.batch_alter_table('studies', schema=None) as batch_op:
+        batch_op.drop_index('ix_studies_state_ready_at')
         batch_op.drop_index(batch_op.f('ix_studies_first_received_at'))
         batch_op.drop_index(batch_op.f('ix_studies_accession_number'))
     op.drop_table('users')

@@ -130,6 +130,8 @@ class Association(Base):
 
 class Study(Base):
     __tablename__ = "studies"
+    # the pipeline's queue order and /metrics' oldest-ready age
+    __table_args__ = (Index("ix_studies_state_ready_at", "state", "ready_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_uid: Mapped[str] = mapped_column(UID, unique=True)
@@ -266,6 +268,7 @@ class Delivery(Base):
     __table_args__ = (
         UniqueConstraint("report_id", "destination"),
         Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+        Index("ix_deliveries_state_created_at", "state", "created_at"),  # oldest undelivered
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

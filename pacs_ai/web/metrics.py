@@ -255,9 +255,12 @@ class DatabaseCollector(Collector):
         for d in DeliveryState:
             deliveries.add_metric([d.value], d_state.get(d, 0))
         yield deliveries
-        oldest_undelivered = conn.scalar(
-            select(func.min(Delivery.created_at)).where(Delivery.state.in_(_UNDELIVERED))
-        )
+        # one index lookup per state (state, created_at), not a scan
+        oldest = [
+            conn.scalar(select(func.min(Delivery.created_at)).where(Delivery.state == st))
+            for st in _UNDELIVERED
+        ]
+        oldest_undelivered = min((o for o in oldest if o is not None), default=None)
         yield GaugeMetricFamily(
             "pacs_ai_delivery_oldest_undelivered_age_seconds",
             "Age of the oldest delivery not yet delivered, dead ones included (0 when none).",
