@@ -356,21 +356,19 @@ def main() -> int:
     ]
     print(
         f"\n{args.studies} studies, {args.studies * args.instances_per_study} instances; "
-        f"{args.repeat} requests per page (ms)"
+        f"{args.repeat} requests per page; wall p50/p95 and this process's CPU p50 (ms)"
     )
-    print(f"{'page':24}" + "".join(f"{b + ' p50':>16}{b + ' p95':>16}" for b in backends))
+    print(f"{'page':24}" + "".join(f"{b + ' p50':>16}{'p95':>8}{'cpu':>8}" for b in backends))
     for n in names:
-        print(
-            f"{n:24}"
-            + "".join(
-                f"{results[b][n]['p50_ms']:>16.1f}{results[b][n]['p95_ms']:>16.1f}"
-                for b in backends
-            )
+        cells = "".join(
+            f"{results[b][n]['p50_ms']:>16.1f}{results[b][n]['p95_ms']:>8.1f}"
+            f"{results[b][n]['cpu_p50_ms']:>8.1f}"
+            for b in backends
         )
-    print(
-        f"{'metrics (first scrape)':24}"
-        + "".join(f"{results[b]['metrics_first_ms']:>32.1f}" for b in backends)
-    )
+        print(f"{n:24}{cells}")
+    first = "".join(f"{results[b]['metrics_first_ms']:>16.1f}{'':>16}" for b in backends)
+    print(f"{'metrics, first scrape':24}{first}")
+    print("cpu: server and client in this process; SQLite's work included, PostgreSQL's not")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
