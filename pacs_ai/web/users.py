@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 import threading
 import time
@@ -147,7 +146,3 @@ class LoginLimiter:
     def succeeded(self, name: str, address: str) -> None:
         with self._lock:
             self._failures.pop((name.lower(), address), None)
-
-
-def retry_after_seconds(window_seconds: float) -> int:
-    return int(dt.timedelta(seconds=window_seconds).total_seconds())

@@ -16,12 +16,12 @@
   }
   draw("chart-throughput", [
     { label: "instances stored", stroke: "#2f6fb0", fill: "rgba(47,111,176,0.12)", width: 2 },
-    { label: "studies scored", stroke: "#1e7b45", width: 2 },
+    { label: "studies scored", stroke: "#1e7b45", width: 2, dash: [6, 4] },
   ], [d.instances, d.scored]);
   draw("chart-latency", [
-    { label: "job p50", stroke: "#6b7785", width: 2 },
+    { label: "job p50", stroke: "#6b7785", width: 2, dash: [6, 4] },
     { label: "job p95", stroke: "#8a5a00", width: 2 },
-    { label: "received→delivered p50", stroke: "#2f6fb0", width: 2 },
+    { label: "received→delivered p50", stroke: "#2f6fb0", width: 2, dash: [6, 4] },
     { label: "received→delivered p95", stroke: "#a4262c", width: 2 },
   ], [d.job_p50, d.job_p95, d.latency_p50, d.latency_p95]);
 })();
