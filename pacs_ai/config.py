@@ -387,6 +387,39 @@ class RetentionSettings(_Section):
         return self
 
 
+class HttpSettings(_Section):
+    """The HTTP face (console, /metrics, /healthz, /readyz) inside `serve` and `worker`."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    # HTTPS when both are set (session cookies are then marked Secure).
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # /metrics without logging in (for a Prometheus server on a trusted network).
+    metrics_public: bool = True
+    # Name of an environment variable holding the session-signing key; unset: a random key is
+    # generated once and kept in secret_key_file (shared by every process on this machine).
+    secret_key_env: str | None = None
+    secret_key_file: Path = Path("var/console-secret.key")
+    # Console sessions end after this long without a request.
+    session_minutes: Annotated[int, Field(ge=1, le=7 * 24 * 60)] = 480
+    # Failed logins per user name and client address within login_window_seconds before more
+    # attempts are refused (HTTP 429) until the window has passed.
+    login_max_failures: Annotated[int, Field(ge=1, le=1000)] = 5
+    login_window_seconds: Annotated[float, Field(ge=1, le=86400)] = 300.0
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> HttpSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("http.cert_file and http.key_file go together")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_file is not None
+
+
 class Settings(_Section):
     dicom: DicomSettings = DicomSettings()
     access: AccessSettings = AccessSettings()
@@ -402,6 +435,7 @@ class Settings(_Section):
     logging: LoggingSettings = LoggingSettings()
     inference: InferenceSettings = InferenceSettings()
     retention: RetentionSettings = RetentionSettings()
+    http: HttpSettings = HttpSettings()
     # Where the file was read from (None for pure defaults); relative paths were resolved
     # against its directory.
     source: Path | None = None
@@ -479,8 +513,14 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
             "ct_model": fix_model(settings.inference.ct_model),
         }
     )
+    http = settings.http.model_copy(
+        update={
+            k: fix(getattr(settings.http, k)) for k in ("cert_file", "key_file", "secret_key_file")
+        }
+    )
     return settings.model_copy(
         update={
+            "http": http,
             "storage": storage,
             "tls": tls,
             "database": database,

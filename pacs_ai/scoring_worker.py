@@ -61,6 +61,12 @@ class ScoringWorker:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    @property
+    def ready(self) -> bool:
+        """The child is running with its models loaded (for /readyz)."""
+        proc = self._proc
+        return self._ready and proc is not None and proc.is_alive()
+
     def start(self) -> None:
         """Start the child now (it loads the models while the service starts)."""
         with self._lock:

@@ -7,6 +7,7 @@ import datetime as dt
 import logging
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 from pacs_ai import startup
 from pacs_ai.assembly import Assembler
@@ -20,6 +21,9 @@ from pacs_ai.ingest.spool import Spool
 from pacs_ai.pipeline import Pipeline
 from pacs_ai.scheduler import Scheduler
 from pacs_ai.storage.retention import Retention
+
+if TYPE_CHECKING:
+    from pacs_ai.web import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,24 @@ class Service:
                 settings, self.engine, self.spool, on_association_end=self._association_ended
             )
 
+        self.http = self._make_http() if settings.http.enabled else None
+
+    # --- HTTP face: console, /metrics, /healthz, /readyz (issue 9) ---------------------------
+
+    def _make_http(self) -> HttpServer:
+        from pacs_ai.web import HttpServer, WebContext, build_app
+
+        server, pipeline = self.server, self.pipeline
+        ctx = WebContext(
+            settings=self.settings,
+            engine=self.engine,
+            listener_accepting=(lambda: server.accepting) if server else None,
+            models_loaded=(lambda: pipeline.scorer.ready) if pipeline else None,
+            wake_outbox=self._deliver_now,
+            wake_pipeline=pipeline.wake if pipeline else None,
+        )
+        return HttpServer(self.settings.http, build_app(ctx))
+
     def _association_ended(self, _assoc_id: int) -> None:
         # Slightly after the grace period ends, so the sweep finds the series due.
         assert self.assembler is not None
@@ -77,18 +99,22 @@ class Service:
         """Check, then start. Raises :class:`StartupError` (schema out of date, port taken,
         a model that does not load) before anything runs; logs the summary when running."""
         revision = self.check_schema()
-        if self.server is not None:
-            try:
-                self.server.bind()
-            except OSError as exc:
-                raise StartupError(startup.listen_problem(self.settings.dicom, exc)) from exc
         try:
+            if self.http is not None:  # a port in use fails the start before anything runs
+                self.http.start()
+            if self.server is not None:
+                try:
+                    self.server.bind()
+                except OSError as exc:
+                    raise StartupError(startup.listen_problem(self.settings.dicom, exc)) from exc
             # Every model the routing rules use, loaded now in the scoring worker: one that
             # cannot load refuses the start instead of failing every study later.
             models = self.pipeline.scorer.wait_ready() if self.pipeline is not None else []
         except StartupError:
             if self.server is not None:
                 self.server.close()
+            if self.http is not None:
+                self.http.stop()
             raise
         if self.server is not None:
             recover(self.spool, self.engine)
@@ -129,10 +155,22 @@ class Service:
             self.settings, models, self.engine, self.server is not None, revision
         ):
             log.info("%s", line)
+        if self.http is not None:
+            self._announce_console()
         startup.notify_systemd("READY=1")
+
+    def _announce_console(self) -> None:
+        from pacs_ai.web.users import count_users
+
+        assert self.http is not None
+        log.info("console: %s (also /metrics, /healthz, /readyz)", self.http.url)
+        if count_users(self.engine) == 0:
+            log.warning("no console users yet: `pacs-ai user add NAME --role admin`")
 
     def stop(self) -> None:
         log.info("shutting down")
+        if self.http is not None:
+            self.http.stop()
         if self.server is not None:
             self.server.stop()
         if self.pipeline is not None:

@@ -28,6 +28,8 @@ PACKAGES = {
     "Orthanc": "orthanc",
     "openssl": "openssl",
     "systemd-analyze": "systemd",
+    "chromium": "chromium",
+    "chromedriver": "chromium-driver",
 }
 
 

@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "studies",
     "retention",
     "models",
+    "user",
 )
 
 

@@ -130,12 +130,14 @@ class Association(Base):
 
 class Study(Base):
     __tablename__ = "studies"
+    # the pipeline's queue order and /metrics' oldest-ready age
+    __table_args__ = (Index("ix_studies_state_ready_at", "state", "ready_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_uid: Mapped[str] = mapped_column(UID, unique=True)
     patient_id: Mapped[str | None] = mapped_column(String(64))
     patient_name: Mapped[str | None] = mapped_column(String(324))
-    accession_number: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
     study_date: Mapped[str | None] = mapped_column(String(8))
     study_description: Mapped[str | None] = mapped_column(String(64))
     state: Mapped[StudyState] = mapped_column(
@@ -146,7 +148,7 @@ class Study(Base):
     # the study and the new report references the previous one.
     revision: Mapped[int] = mapped_column(Integer, default=0)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
-    first_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    first_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     last_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     ready_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     state_changed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -223,7 +225,7 @@ class Job(Base):
     models: Mapped[str | None] = mapped_column(String(200))
     device: Mapped[str | None] = mapped_column(String(32))
     claimed_by: Mapped[str | None] = mapped_column(String(64))
-    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     duration_ms: Mapped[float | None] = mapped_column(Float)
     # When a failed attempt may be retried (null: now, or never for dead jobs).
@@ -273,6 +275,7 @@ class Delivery(Base):
     __table_args__ = (
         UniqueConstraint("report_id", "destination"),
         Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+        Index("ix_deliveries_state_created_at", "state", "created_at"),  # oldest undelivered
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -292,7 +295,7 @@ class Delivery(Base):
     next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     claimed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
-    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)
 
 
 class AuditEvent(Base):
@@ -306,3 +309,21 @@ class AuditEvent(Base):
     object_id: Mapped[int | None] = mapped_column(Integer)
     outcome: Mapped[str] = mapped_column(String(20))  # ok | refused | error | warning
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class UserRole(enum.StrEnum):
+    ADMIN = "admin"  # sees PHI, downloads objects, runs actions
+    VIEWER = "viewer"  # sees state and results, never PHI
+
+
+class User(Base):
+    """A console user (``pacs-ai user add``); the password is stored as an argon2 hash."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[UserRole] = mapped_column(_enum(UserRole, "user_role"))
+    password_hash: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_login_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

@@ -167,6 +167,12 @@ class DicomServer:
             with self._lock:
                 self._active.discard(threading.current_thread())
 
+    @property
+    def accepting(self) -> bool:
+        """The accept loop is running (for /readyz)."""
+        t = self._accept_thread
+        return t is not None and t.is_alive() and not self._stop.is_set()
+
     def active_associations(self) -> int:
         return self._ctx.slots.in_use
 

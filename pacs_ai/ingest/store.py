@@ -13,6 +13,7 @@ audit rows carry the exception class and hashed UIDs, never values.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from concurrent.futures import wait
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from pacs_ai.ingest.recorder import AssociationCache, RecordOutcome
 from pacs_ai.ingest.spool import PendingFile, part10_header
 from pacs_ai.ingest.validation import Limits, check_uid, read_and_validate
 from pacs_ai.logs import uid_ref
+from pacs_ai.telemetry import observe_store
 
 if TYPE_CHECKING:
     from pacs_ai.ingest.association import ServerContext
@@ -142,6 +144,7 @@ class StoreService:
     # --- completion ----------------------------------------------------------------------
 
     def _complete(self, msg: _Message) -> None:
+        started = time.perf_counter()
         error = msg.error
         pending, msg.pending = msg.pending, None
         if error is None and pending is not None:
@@ -154,6 +157,7 @@ class StoreService:
         elif pending is not None:
             _discard_quietly(pending)
         self._respond(msg, error)
+        observe_store(time.perf_counter() - started, error is None)  # /metrics
 
     def _store(self, msg: _Message, pending: PendingFile) -> None:
         cmd = msg.command

@@ -170,6 +170,7 @@ def test_packaged_config_documents_every_key() -> None:
 def _without_data_paths(s: Settings) -> dict[str, object]:
     data = s.model_dump(mode="json", exclude={"source"})
     del data["storage"]["path"], data["reports"]["path"], data["database"]["url"]
+    del data["http"]["secret_key_file"]
     return data
 
 
@@ -187,6 +188,9 @@ def test_packaged_config_is_the_code_defaults_and_the_checkout_config() -> None:
     defaults = _without_data_paths(Settings())
     assert defaults["access"]["allowed"] == []  # type: ignore[index]
     defaults["access"]["allowed"] = _without_data_paths(packaged)["access"]["allowed"]  # type: ignore[index]
+    # The console is off in code (tests never bind 8080) and on in every config file.
+    assert defaults["http"]["enabled"] is False  # type: ignore[index]
+    defaults["http"]["enabled"] = True  # type: ignore[index]
     assert defaults == _without_data_paths(packaged)
 
 
@@ -242,3 +246,10 @@ def test_reports_objects_default_and_choice(tmp_path: Path) -> None:
     cfg.write_text('[reports]\nobjects = ["pdf"]\n')
     with pytest.raises(ConfigError, match=r"reports\.objects"):
         load_settings(cfg, env={})
+
+
+def test_http_defaults_and_override() -> None:
+    s = load_settings(env={"PACS_AI_HTTP__PORT": "8181"})
+    assert s.http.enabled is True and s.http.host == "127.0.0.1" and s.http.port == 8181
+    assert s.http.secret_key_file == (DEFAULT_CONFIG.parent / "var/console-secret.key").resolve()
+    assert s.http.metrics_public is True and s.http.tls is False
