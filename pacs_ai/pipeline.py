@@ -122,6 +122,8 @@ class _SeriesInput:
     paths: list[Path]
     model: str | None = None
     reason: str = ""
+    refused_by: str | None = None  # the model that refused it as out of distribution
+    ood_score: float | None = None
 
 
 @dataclass
@@ -358,6 +360,7 @@ class Pipeline:
             model = self._models.get(key)
             model_info[key] = model
             results = self._score(model, group)
+            results = [(s, score) for s, score in results if not _refuse(s, score, key)]
             if results:
                 scores[key] = results
         self._record(claim, scores, model_info, (time.perf_counter() - t0) * 1000)
@@ -396,10 +399,13 @@ class Pipeline:
         kinds = self._object_kinds()
         reports_dir = self._settings.reports.path / f"study-{claim.study_id}"
         built: list[tuple[str, Dataset, Path]] = []  # kind, dataset, file
-        for req in requests:
+        shadow: set[str] = set()  # SOP Instance UIDs of shadow-mode reports: not delivered
+        for key, req in zip(scores, requests, strict=True):
             for kind in kinds:
                 ds = _builder(kind)(self._with_predecessor(claim, kind, req))
                 built.append((kind, ds, write_object(ds, reports_dir)))
+                if self._mode(key) == "shadow":
+                    shadow.add(str(ds.SOPInstanceUID))
 
         with self._engine.begin() as conn:
             current = conn.execute(
@@ -440,6 +446,8 @@ class Pipeline:
                                 present=score.present[f.label],
                             )
                         )
+            for key, model in models.items():
+                self._observe(conn, claim, key, model, scores.get(key, []))
             conn.execute(
                 update(Job)
                 .where(Job.id == claim.job_id)
@@ -453,6 +461,7 @@ class Pipeline:
                 )
             )
             new_reports: list[tuple[int, str]] = []
+            to_deliver: list[tuple[int, str]] = []
             for kind, ds, path in built:
                 rid = conn.execute(
                     insert(Report)
@@ -470,12 +479,16 @@ class Pipeline:
                     .returning(Report.id)
                 ).scalar_one()
                 new_reports.append((rid, kind))
+                if str(ds.SOPInstanceUID) not in shadow:
+                    to_deliver.append((rid, kind))
             if not scores:
                 reasons = "; ".join(sorted({s.reason for s in claim.series if s.reason}))
                 state, reason = StudyState.NOT_APPLICABLE, reasons[:200] or "nothing to score"
             else:
                 state, reason = StudyState.REPORTED, None
-            queued = self._outbox.enqueue(conn, claim.study_id, new_reports)
+                if shadow and len(to_deliver) < len(new_reports):
+                    reason = "shadow mode: recorded, not delivered"
+            queued = self._outbox.enqueue(conn, claim.study_id, to_deliver)
             conn.execute(
                 update(Study)
                 .where(Study.id == claim.study_id)
@@ -500,6 +513,37 @@ class Pipeline:
         )
         if queued and self._on_reported is not None:
             self._on_reported()
+
+    def _mode(self, key: str) -> str:
+        inf = self._settings.inference
+        return inf.cxr_mode if key == "cxr" else inf.ct_mode
+
+    def _observe(
+        self,
+        conn: Connection,
+        claim: _Claim,
+        key: str,
+        model: LoadedModel,
+        results: list[tuple[_SeriesInput, SeriesScore]],
+    ) -> None:
+        """Monitoring (pacs_ai.monitoring): what the model said, refusals included."""
+        from pacs_ai import monitoring
+
+        scored = [
+            monitoring.Scored(score.probabilities, score.present, score.ood_score)
+            for _, score in results
+        ]
+        refused = [s.ood_score for s in claim.series if s.refused_by == key]
+        monitoring.observe(
+            conn,
+            self._settings.monitoring,
+            model.card,
+            self._mode(key),
+            claim.study_id,
+            scored,
+            refused,
+            self._clock(),
+        )
 
     def _object_kinds(self) -> list[str]:
         kinds = {"sr"}
@@ -530,9 +574,9 @@ class Pipeline:
         best = max(results, key=lambda r: r[1].probabilities.get(top, 0.0) if top else 0.0)[1]
         headers = {str(h.SOPInstanceUID): h for s, _ in results for h in s.headers}
         sources = [headers[uid] for _, score in results for uid in score.used_instances]
-        parameters = {f"threshold {f.label}": repr(f.threshold) for f in findings}
+        parameters = {f"threshold {f.label}": f"{f.threshold:.3f}" for f in findings}
         parameters["input"] = _describe_input(card)
-        if card.aggregation and card.aggregation != "none":
+        if card.kind == "ct" and card.aggregation and card.aggregation != "none":
             parameters["slice aggregation"] = card.aggregation
         return ReportRequest(
             sources=sources,
@@ -541,6 +585,7 @@ class Pipeline:
             study_revision=claim.revision,
             display_image=best.display_image,
             heatmap=best.heatmap,
+            heatmap_label=best.heatmap_label,
         )
 
     def _with_predecessor(self, claim: _Claim, kind: str, req: ReportRequest) -> ReportRequest:
@@ -611,6 +656,14 @@ class Pipeline:
                 claim.study_id,
                 {"attempt": claim.attempt, "error": reason[:500]},
             )
+
+
+def _refuse(s: _SeriesInput, score: SeriesScore, key: str) -> bool:
+    """A series unlike the model's training data is not applicable (no finding, no report)."""
+    if score.refusal is None:
+        return False
+    s.model, s.reason, s.refused_by, s.ood_score = None, score.refusal, key, score.ood_score
+    return True
 
 
 def _describe_input(card: object) -> str:
