@@ -12,8 +12,8 @@ the last ``monitoring.window`` rows are compared with the model card's validatio
   ``monitoring.positive_rate_tolerance`` (absolute);
 - ``score_shift``: the population stability index (PSI) of the window's probabilities over
   the validation deciles exceeds ``monitoring.psi_max`` (PSI = sum (o - e) ln(o / e) over the
-  decile bins; 0.1-0.25 is usually read as a moderate shift, above 0.25 a major one; the
-  sampling noise of a 200-series window is about 0.05);
+  decile bins, half a count added per bin; 0.1-0.25 is usually read as a moderate shift,
+  above 0.25 a major one; judged from 100 series on, where the sampling noise is about 0.1);
 - ``ood_spike``: more than ``monitoring.ood_refusal_max`` of the window's series were refused.
 
 No check runs before the window holds ``monitoring.min_scored`` rows. An alert is raised once
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SERIES_LABEL = ""  # the per-series row (refused or not)
 COLLAPSE_P = 1e-3
+PSI_MIN_N = 100  # 10 bins: below ~10 per bin the PSI is mostly sampling noise
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ def observe(
         "model_version": card.version,
         "mode": mode,
         "study_id": study_id,
+        "probability": None,
+        "present": None,
+        "ood_score": None,
     }
     rows: list[dict[str, Any]] = []
     for s in scored:
@@ -86,6 +90,7 @@ def observe(
                     "probability": s.probabilities[f.label],
                     "present": s.present[f.label],
                     "refused": False,
+                    "ood_score": None,
                 }
             )
     for ood_score in refused:
@@ -119,9 +124,11 @@ def psi(scores: np.ndarray, deciles: Sequence[float]) -> float:
     cdf = np.array([levels[ref <= c].max() for c in cuts])
     expected = np.diff(np.concatenate([[0.0], cdf, [1.0]]))
     bins = np.searchsorted(cuts, scores, side="left")  # right-closed: x <= cut -> that bin
-    observed = np.bincount(bins, minlength=len(cuts) + 1) / max(len(scores), 1)
+    counts = np.bincount(bins, minlength=len(cuts) + 1)
+    # half a count per bin (Jeffreys): an empty bin of a small window is not infinite evidence
+    observed = (counts + 0.5) / (len(scores) + 0.5 * len(counts))
     e = np.clip(expected, 1e-4, None)
-    o = np.clip(observed, 1e-4, None)
+    o = observed
     return float(np.sum((o - e) * np.log(o / e)))
 
 
@@ -152,7 +159,7 @@ def _conditions(
             f"+- {settings.positive_rate_tolerance:.3f}",
         )
     deciles = card.reference.get("score_deciles", {}).get(label)
-    if deciles:
+    if deciles and n >= PSI_MIN_N:
         value = psi(np.array([w.probability for w in window], dtype=np.float64), deciles)
         out["score_shift"] = (
             value > settings.psi_max,

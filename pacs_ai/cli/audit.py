@@ -50,6 +50,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "--format", choices=("table", "json", "csv"), default="table", help="output format"
         )
         q.set_defaults(handler=_run)
+    m = asub.add_parser(
+        "models",
+        help="per model and finding: scored, refused, positive rate vs validation, alerts",
+    )
+    add_config_arg(m)
+    m.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    m.set_defaults(handler=_models)
     one = asub.add_parser(
         "study",
         help="one study's full timeline: received, ready, scored, reported, delivered",
@@ -74,8 +81,28 @@ def _query(args: argparse.Namespace) -> list[dict[str, Any]]:
         engine.dispose()
 
 
+def _models(args: argparse.Namespace) -> int:
+    from pacs_ai import monitoring
+    from pacs_ai.errors import PacsAiError
+    from pacs_ai.inference import load_card, resolve_model_dir
+
+    settings = load_settings(args.config)
+    cards = []
+    for source in (settings.inference.cxr_model, settings.inference.ct_model):
+        try:
+            cards.append(load_card(resolve_model_dir(source)))
+        except PacsAiError:
+            pass  # a model that cannot be read has no validation reference to show
+    engine = make_engine(settings.database)
+    try:
+        args.rows = monitoring.summary(engine, cards, settings.monitoring.window)
+    finally:
+        engine.dispose()
+    return _run(args)
+
+
 def _run(args: argparse.Namespace) -> int:
-    rows = _query(args)
+    rows = args.rows if getattr(args, "rows", None) is not None else _query(args)
     if args.format == "json":
         json.dump(rows, sys.stdout, indent=2)
         print()
