@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -89,10 +90,9 @@ def _models(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     cards = []
     for source in (settings.inference.cxr_model, settings.inference.ct_model):
-        try:
+        # a model that cannot be read has no validation reference to show
+        with contextlib.suppress(PacsAiError):
             cards.append(load_card(resolve_model_dir(source)))
-        except PacsAiError:
-            pass  # a model that cannot be read has no validation reference to show
     engine = make_engine(settings.database)
     try:
         args.rows = monitoring.summary(engine, cards, settings.monitoring.window)

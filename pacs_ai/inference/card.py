@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pacs_ai.codes import COVID19, PNEUMONIA, Code
 from pacs_ai.errors import ModelError, ModelRefused
 from pacs_ai.imaging.prepare import InputSpec
+from pacs_ai.inference.card_schema import validate_card
 from pacs_ai.inference.ood import OodSpec
 
 CARD_FILE = "card.json"
@@ -152,6 +153,7 @@ def load_card(model_dir: Path) -> ModelCard:
         raise ModelError(f"no {CARD_FILE} in {model_dir}") from exc
     except json.JSONDecodeError as exc:
         raise ModelError(f"{path} is not valid JSON: {exc}") from exc
+    validate_card(data)
     return ModelCard.from_dict(data)
 
 

@@ -377,7 +377,8 @@ def load_model(
     warmup: bool = True,
     require_deployable: bool = True,
 ) -> LoadedModel:
-    """Load a model directory (``card.json`` + weights), offline.
+    """Load a model directory (``card.json`` + weights, or + a TorchScript / ``torch.export``
+    program: :mod:`pacs_ai.inference.program`), offline.
 
     Raises :class:`~pacs_ai.errors.ModelRefused` for a model that fails the deployment check
     (predictions collapse to one class, AUC not above baseline, no validation metrics) and
@@ -388,14 +389,19 @@ def load_model(
     card = load_card(model_dir)
     if require_deployable:
         check_deployable(card)
-    model = build_from_card(card)
-    state = _load_state(model_dir, card)
-    try:
-        model.load_state_dict(
-            {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        )
-    except RuntimeError as exc:
-        raise ModelError(f"weights do not fit architecture {card.arch!r}: {exc}") from exc
+    if card.format != "builtin":
+        from pacs_ai.inference.program import load_program
+
+        model: Classifier = load_program(model_dir, card)
+    else:
+        model = build_from_card(card)
+        state = _load_state(model_dir, card)
+        try:
+            model.load_state_dict(
+                {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+            )
+        except RuntimeError as exc:
+            raise ModelError(f"weights do not fit architecture {card.arch!r}: {exc}") from exc
     loaded = LoadedModel(card, model, select_device(device), batch_size, precision)
     if card.ood is not None:
         loaded.ood = OodDensity.load(model_dir, card.ood)

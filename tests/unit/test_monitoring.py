@@ -40,7 +40,9 @@ CARD = ModelCard(
     reference={
         "n": 100,
         "positive_rate": VALIDATION_RATE,
-        "score_deciles": {k: np.quantile(v, np.linspace(0, 1, 11)).tolist() for k, v in _VAL.items()},
+        "score_deciles": {
+            k: np.quantile(v, np.linspace(0, 1, 11)).tolist() for k, v in _VAL.items()
+        },
     },
 )
 SETTINGS = MonitoringSettings(window=100, min_scored=30)
@@ -128,9 +130,7 @@ def test_ood_refusal_spike_raises_alert(engine: Engine) -> None:
         alert = conn.execute(select(ModelAlert.label, ModelAlert.kind, ModelAlert.detail)).one()
     assert (alert.label, alert.kind) == ("", "ood_spike")
     # raised at the 11th refusal: 11 of 51 series > 0.2
-    assert alert.detail == (
-        "0.216 of 51 series refused as out of distribution (limit 0.200)"
-    )
+    assert alert.detail == ("0.216 of 51 series refused as out of distribution (limit 0.200)")
 
 
 def test_psi_is_zero_for_the_reference_and_large_for_a_shift() -> None:

@@ -16,6 +16,7 @@ from pacs_ai.inference.ood import OodDensity, fit_density, refusal_reason, thres
 from pacs_ai.inference.runner import LoadedModel
 from pacs_ai.training.ood_fit import fit_ood
 from pacs_ai.training.synth import synth
+
 ModelDirFactory = Callable[..., Path]
 
 RG1 = ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
