@@ -27,6 +27,7 @@ PACKAGES = {
     "echoscu": "dcmtk",
     "Orthanc": "orthanc",
     "openssl": "openssl",
+    "chromium": "chromium",
 }
 
 

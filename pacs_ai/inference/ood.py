@@ -32,7 +32,7 @@ from pacs_ai.errors import ModelError
 
 OOD_FILE = "ood.safetensors"
 METHOD = "mahalanobis_shared_covariance"
-DEFAULT_QUANTILE = 0.999
+DEFAULT_QUANTILE = 0.9999
 
 
 @dataclass(frozen=True)

@@ -101,8 +101,8 @@ def declare_private_scheme(ds: Dataset) -> None:
 
 def series_date_time(ds: Dataset) -> None:
     """SeriesDate/SeriesTime of an AI series: when the object was made."""
-    ds.SeriesDate = ds.get("ContentDate") or ds.get("InstanceCreationDate")
-    ds.SeriesTime = ds.get("ContentTime") or ds.get("InstanceCreationTime")
+    ds.SeriesDate = str(ds.get("ContentDate") or ds.get("InstanceCreationDate") or "")
+    ds.SeriesTime = str(ds.get("ContentTime") or ds.get("InstanceCreationTime") or "")
 
 
 def contributing_equipment(req: ReportRequest) -> list[hd.ContributingEquipment]:
