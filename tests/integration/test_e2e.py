@@ -188,7 +188,13 @@ def test_dx_end_to_end(start_service: ServiceFactory, orthanc: Orthanc, tmp_path
     }
     assert referenced == {dx.SOPInstanceUID}
     equipment = sr.ContributingEquipmentSequence
-    assert any("demo" in str(e.get("ManufacturerModelName", "")).lower() for e in equipment)
+    # the card's demo flag (not the model's name) puts the warning in the objects
+    assert [e.ContributionDescription for e in equipment if "ContributionDescription" in e] == [
+        "AI inference result (DEMO - not for clinical use)"
+    ]
+    assert (
+        sr.ContentSequence[0].ContentSequence[0].TextValue.startswith("DEMO - NOT FOR CLINICAL USE")
+    )
     findings = _findings(sr)
     assert set(findings) == {"COVID-19", "Pneumonia"}
     with svc.engine.connect() as c:
