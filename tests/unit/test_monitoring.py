@@ -171,3 +171,12 @@ def test_summary_and_audit_models_cli(
         ("monitored", "covid", 40, 2),
         ("monitored", "pneumonia", 40, 2),
     ]
+
+
+def test_monitoring_settings_validated() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="min_scored must not exceed"):
+        MonitoringSettings(window=20, min_scored=50)
+    with pytest.raises(ValidationError):
+        MonitoringSettings(positive_rate_tolerance=0)
