@@ -425,8 +425,8 @@ def load_init_weights(model: Classifier, path: Path) -> list[str]:
     copied: dict[str, torch.Tensor] = {}
     for name, value in state.items():
         key = name.removeprefix("module.").removeprefix("backbone.")
-        if key not in own or not isinstance(value, torch.Tensor):
-            continue
+        if key not in own or not isinstance(value, torch.Tensor) or value.dim() == 0:
+            continue  # 0-dim: BatchNorm's num_batches_tracked counters fit anything
         target = own[key]
         if value.shape == target.shape:
             copied[key] = value.to(target.dtype)
