@@ -346,6 +346,10 @@ class InferenceSettings(_Section):
     min_ct_slices: Annotated[int, Field(ge=1, le=10000)] = 10
     # Grad-CAM heatmap per scored series (for the summary image).
     heatmaps: bool = True
+    # "active": reports are delivered; "shadow": findings and reports are recorded (audit,
+    # reports.path) and monitored, nothing is delivered to the PACS (validate before go-live).
+    cxr_mode: Literal["active", "shadow"] = "active"
+    ct_mode: Literal["active", "shadow"] = "active"
 
     @field_validator("device")
     @classmethod
@@ -420,6 +424,28 @@ class HttpSettings(_Section):
         return self.cert_file is not None
 
 
+class MonitoringSettings(_Section):
+    """Per model and finding, the last ``window`` scored series compared with the model
+    card's validation reference (pacs_ai.monitoring)."""
+
+    enabled: bool = True
+    window: Annotated[int, Field(ge=10, le=100000)] = 200
+    # No check before the window holds this many scored series.
+    min_scored: Annotated[int, Field(ge=5, le=100000)] = 50
+    # Alert when the window's positive rate leaves validation rate +- this (absolute).
+    positive_rate_tolerance: Annotated[float, Field(gt=0, le=1)] = 0.25
+    # Alert when the PSI of the window's scores vs the validation deciles exceeds this.
+    psi_max: Annotated[float, Field(gt=0)] = 0.5
+    # Alert when more than this fraction of the window's series were refused as OOD.
+    ood_refusal_max: Annotated[float, Field(gt=0, le=1)] = 0.2
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> MonitoringSettings:
+        if self.min_scored > self.window:
+            raise ValueError("monitoring.min_scored must not exceed monitoring.window")
+        return self
+
+
 class Settings(_Section):
     dicom: DicomSettings = DicomSettings()
     access: AccessSettings = AccessSettings()
@@ -436,6 +462,7 @@ class Settings(_Section):
     inference: InferenceSettings = InferenceSettings()
     retention: RetentionSettings = RetentionSettings()
     http: HttpSettings = HttpSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
     # Where the file was read from (None for pure defaults); relative paths were resolved
     # against its directory.
     source: Path | None = None

@@ -165,7 +165,8 @@ class Pipeline:
             claim,
             analysis,
             built,
-            self._settings.reports.path,
+            self._settings,
+            {key: self._mode(key) for key in analysis.models},
             self._clock(),
         )
         if recorded is None:
@@ -205,6 +206,11 @@ class Pipeline:
 
     # --- reports ---------------------------------------------------------------------------
 
+    def _mode(self, key: str) -> str:
+        """``shadow``: findings, reports and monitoring recorded, nothing delivered."""
+        inf = self._settings.inference
+        return inf.cxr_mode if key == "cxr" else inf.ct_mode
+
     def _build_reports(
         self, claim: Claim, analysis: StudyAnalysis, kinds: list[str]
     ) -> list[BuiltReport]:
@@ -223,7 +229,7 @@ class Pipeline:
                 ds = _builder(kind)(self._with_predecessor(claim, kind, req))
                 path = output.write_outputs(self._settings, reports_dir, kind, claim.revision, ds)
                 if path is not None:
-                    built.append(BuiltReport(kind, ds, path))
+                    built.append(BuiltReport(kind, ds, path, deliver=self._mode(key) == "active"))
         return built
 
     def _report_request(
@@ -249,9 +255,9 @@ class Pipeline:
         top = findings[0].label if findings else None
         best = max(scores, key=lambda sc: sc.probabilities.get(top, 0.0) if top else 0.0)
         sources = [h for s in results for h in s.sources]
-        parameters = {f"threshold {f.label}": repr(f.threshold) for f in findings}
+        parameters = {f"threshold {f.label}": f"{f.threshold:.3f}" for f in findings}
         parameters["input"] = describe_input(info)
-        if info.aggregation != "none":
+        if info.kind == "ct" and info.aggregation != "none":
             parameters["slice aggregation"] = info.aggregation
         return ReportRequest(
             sources=sources,
@@ -260,6 +266,7 @@ class Pipeline:
             study_revision=claim.revision,
             display_image=best.display_image,
             heatmap=best.heatmap,
+            heatmap_label=best.heatmap_label,
         )
 
     def _with_predecessor(self, claim: Claim, kind: str, req: ReportRequest) -> ReportRequest:

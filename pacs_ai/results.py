@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Connection, Engine, insert, select, update
 
+from pacs_ai.config import Settings
 from pacs_ai.db.events import write_audit
 from pacs_ai.db.models import Finding, JobState, Report, Series, Study, StudyState
 from pacs_ai.delivery.outbox import Outbox
@@ -23,6 +24,7 @@ class BuiltReport:
     kind: str  # sr | summary | text_sr
     dataset: Dataset
     path: Path  # the written file
+    deliver: bool = True  # False for a shadow-mode model's reports
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,8 @@ def record_results(
     claim: Claim,
     analysis: StudyAnalysis,
     built: list[BuiltReport],
-    reports_root: Path,
+    settings: Settings,
+    modes: dict[str, str],
     now: dt.datetime,
 ) -> Recorded | None:
     """Persist one successful job; None when the study changed meanwhile (job superseded)."""
@@ -79,6 +82,7 @@ def record_results(
                         present=s.score.present[label],
                     )
                 )
+        _observe(conn, settings, modes, claim, analysis, now)
         used = [analysis.models[k] for k in sorted({s.model for s in scored if s.model})]
         finish_job(
             conn,
@@ -90,6 +94,7 @@ def record_results(
             device=", ".join(sorted({m.device for m in used})) or None,
         )
         new_reports: list[tuple[int, str]] = []
+        to_deliver: list[tuple[int, str]] = []
         for report in built:
             ds = report.dataset
             rid = conn.execute(
@@ -102,18 +107,22 @@ def record_results(
                     sop_instance_uid=str(ds.SOPInstanceUID),
                     series_instance_uid=str(ds.SeriesInstanceUID),
                     sop_class_uid=str(ds.SOPClassUID),
-                    path=str(report.path.relative_to(reports_root)),
+                    path=str(report.path.relative_to(settings.reports.path)),
                     created_at=now,
                 )
                 .returning(Report.id)
             ).scalar_one()
             new_reports.append((rid, report.kind))
+            if report.deliver:
+                to_deliver.append((rid, report.kind))
         if not scored:
             reasons = "; ".join(sorted({s.reason for s in analysis.series if s.reason}))
             state, reason = StudyState.NOT_APPLICABLE, reasons[:200] or "nothing to score"
         else:
             state, reason = StudyState.REPORTED, None
-        queued = outbox.enqueue(conn, claim.study_id, new_reports)
+            if len(to_deliver) < len(new_reports):
+                reason = "shadow mode: recorded, not delivered"
+        queued = outbox.enqueue(conn, claim.study_id, to_deliver)
         conn.execute(
             update(Study)
             .where(Study.id == claim.study_id)
@@ -129,3 +138,26 @@ def record_results(
             {"state": state.value, "reports": len(new_reports), "deliveries": queued},
         )
     return Recorded(state, len(new_reports), queued)
+
+
+def _observe(
+    conn: Connection,
+    settings: Settings,
+    modes: dict[str, str],
+    claim: Claim,
+    analysis: StudyAnalysis,
+    now: dt.datetime,
+) -> None:
+    """Monitoring (:mod:`pacs_ai.monitoring`): what each model said, refusals included."""
+    from pacs_ai import monitoring
+
+    for key, info in analysis.models.items():
+        scored = [
+            monitoring.Scored(s.score.probabilities, s.score.present, s.score.ood_score)
+            for s in analysis.series
+            if s.model == key and s.score is not None
+        ]
+        refused = [s.ood_score for s in analysis.series if s.refused_by == key]
+        monitoring.observe(
+            conn, settings.monitoring, info.card, modes[key], claim.study_id, scored, refused, now
+        )

@@ -32,6 +32,7 @@ from pacs_ai.routing import decide
 
 if TYPE_CHECKING:
     from pacs_ai.inference import LoadedModel
+    from pacs_ai.inference.card import ModelCard
     from pacs_ai.inference.runner import SeriesScore
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class ModelInfo:
     aggregation: str
     input_size: int
     findings: tuple[tuple[str, Code], ...]  # (label, code) per reportable finding
+    kind: str  # "cxr" | "ct" (the card's)
+    card: ModelCard  # the validation reference monitoring compares with (plain data)
 
 
 @dataclass
@@ -80,6 +83,8 @@ class Score:
     used_instances: list[str]
     heatmap: np.ndarray | None
     display_image: np.ndarray | None
+    heatmap_label: str | None = None  # the finding the heatmap is for
+    ood_score: float | None = None
 
 
 @dataclass
@@ -92,6 +97,8 @@ class SeriesOutcome:
     reason: str = ""
     score: Score | None = None
     sources: list[Dataset] = field(default_factory=list)
+    refused_by: str | None = None  # the model that refused it as out of distribution
+    ood_score: float | None = None
 
 
 @dataclass
@@ -174,6 +181,10 @@ def analyse_study(
         model = models.get(key)
         infos[key] = _model_info(model)
         for outcome, score in _score(model, group, files, request.heatmaps):
+            if score.refusal is not None:  # unlike the training data: no finding, no report
+                outcome.model, outcome.reason = None, score.refusal
+                outcome.refused_by, outcome.ood_score = key, score.ood_score
+                continue
             by_uid = {str(h.get("SOPInstanceUID", "")): h for h in headers[outcome.series_id]}
             outcome.score = _plain(score)
             outcome.sources = [_report_header(by_uid[uid]) for uid in score.used_instances]
@@ -213,6 +224,8 @@ def _model_info(model: LoadedModel) -> ModelInfo:
         aggregation=card.aggregation or "none",
         input_size=int(card.input.size),
         findings=tuple((f.label, f.code) for f in card.findings),
+        kind=card.kind,
+        card=card,
     )
 
 
@@ -224,6 +237,8 @@ def _plain(score: SeriesScore) -> Score:
         used_instances=list(score.used_instances),
         heatmap=score.heatmap,
         display_image=score.display_image,
+        heatmap_label=score.heatmap_label,
+        ood_score=score.ood_score,
     )
 
 

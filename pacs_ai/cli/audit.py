@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -56,6 +57,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         )
         _add_wide_arg(q)
         q.set_defaults(handler=_run)
+    m = asub.add_parser(
+        "models",
+        help="per model and finding: scored, refused, positive rate vs validation, alerts",
+    )
+    add_config_arg(m)
+    m.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    _add_wide_arg(m)
+    m.set_defaults(handler=_models)
     one = asub.add_parser(
         "study",
         help="one study's full timeline: received, ready, scored, reported, delivered, purged",
@@ -100,6 +109,25 @@ def _query(args: argparse.Namespace) -> list[dict[str, Any]]:
         engine.dispose()
 
 
+def _models(args: argparse.Namespace) -> int:
+    from pacs_ai import monitoring
+    from pacs_ai.errors import PacsAiError
+    from pacs_ai.inference import load_card, resolve_model_dir
+
+    settings = load_settings(args.config)
+    cards = []
+    for source in (settings.inference.cxr_model, settings.inference.ct_model):
+        # a model that cannot be read has no validation reference to show
+        with contextlib.suppress(PacsAiError):
+            cards.append(load_card(resolve_model_dir(source)))
+    engine = make_engine(settings.database)
+    try:
+        args.rows = monitoring.summary(engine, cards, settings.monitoring.window)
+    finally:
+        engine.dispose()
+    return _run(args)
+
+
 # Columns of the default (fitted) table; --wide, JSON and CSV show them all.
 _NARROW = {
     "associations": (
@@ -124,8 +152,8 @@ _NARROW_PHI = (
 
 
 def _run(args: argparse.Namespace) -> int:
-    rows = _query(args)
-    if args.format == "table" and not args.wide:
+    rows = args.rows if getattr(args, "rows", None) is not None else _query(args)
+    if args.format == "table" and not args.wide and args.audit_what in _NARROW:
         phi = args.audit_what == "studies" and args.show_phi
         keep = _NARROW_PHI if phi else _NARROW[args.audit_what]
         rows = [{k: v for k, v in r.items() if k in keep} for r in rows]

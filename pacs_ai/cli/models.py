@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from pacs_ai.errors import ImagingError, NotApplicable, PacsAiError
+from pacs_ai.inference.ood import DEFAULT_QUANTILE
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,7 +42,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default="resnet18_slim",
         help="resnet18_slim (default), resnet18, mobilenet_v3_small",
     )
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument(
+        "--steps", type=int, default=300, help="optimisation steps (default 300, any data size)"
+    )
+    p.add_argument("--epochs", type=int, default=None, help="instead of --steps: whole passes")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -49,7 +53,30 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--ct-slices", type=int, default=24, help="slices scored per CT series")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--patience", type=int, default=5, help="early stopping patience (epochs)")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=5,
+        help="early stopping: evaluations without improvement (never before half the steps)",
+    )
+    p.add_argument(
+        "--hflip",
+        action="store_true",
+        help="augment with horizontal flips (off: a flip moves the heart to the right)",
+    )
+    p.add_argument(
+        "--init-weights",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="start from a torchvision-format state dict (e.g. ResNet-18 ImageNet weights)",
+    )
+    p.add_argument(
+        "--ood-quantile",
+        type=float,
+        default=DEFAULT_QUANTILE,
+        help="out-of-distribution threshold: this quantile of held-out scores",
+    )
     p.add_argument("--target-sensitivity", type=float, default=0.9)
     p.add_argument(
         "--group",
@@ -70,6 +97,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_train)
+
+    p = sub.add_parser(
+        "fit-ood",
+        help="fit the out-of-distribution density and monitoring reference of a trained model",
+    )
+    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    p.add_argument("data_dir", type=Path, metavar="DATA_DIR", help="the training class folders")
+    p.add_argument("--test-dir", type=Path, default=None, help="measures the false-refusal rate")
+    p.add_argument("--group", action="append", default=[], metavar="CLASS=FOLDER,FOLDER")
+    p.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(handler=_fit_ood)
 
     p = sub.add_parser("evaluate", help="metrics of a model on class folders")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a model directory or bundled:cxr|ct")
@@ -125,6 +165,7 @@ def _train(args: argparse.Namespace) -> int:
     opts = TrainOptions(
         kind=args.kind,
         arch=args.arch,
+        steps=args.steps,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -143,6 +184,9 @@ def _train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         command="pacs-ai " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         test_dir=args.test_dir,
+        hflip=args.hflip,
+        init_weights=args.init_weights,
+        ood_quantile=args.ood_quantile,
     )
     card = train(args.data_dir, args.out, opts)
     print(f"model {card.name} written to {args.out}")
@@ -152,6 +196,22 @@ def _train(args: argparse.Namespace) -> int:
         print("independent test set:")
         for line in summary_lines(card.metrics["test"]):
             print(line)
+    return 0
+
+
+def _fit_ood(args: argparse.Namespace) -> int:
+    from pacs_ai.training.ood_fit import fit_model_dir
+
+    card = fit_model_dir(
+        args.model_dir,
+        args.data_dir,
+        test_dir=args.test_dir,
+        groups=_groups(args.group),
+        quantile=args.quantile,
+        val_fraction=args.val_fraction,
+        device=args.device,
+    )
+    print(json.dumps(card.to_dict()["ood"], indent=2))
     return 0
 
 
@@ -230,15 +290,23 @@ def _predict(args: argparse.Namespace) -> int:
             entry.update(applicable=False, reason=str(exc))
             status = 1
             continue
+        if score.ood_score is not None:
+            entry["ood"] = {
+                "score": round(score.ood_score, 3),
+                "threshold": round(score.ood_threshold or 0.0, 3),
+            }
+        if score.refusal is not None:
+            entry.update(applicable=False, reason=score.refusal)
+            continue
         entry["model"] = {
             "name": model.card.name,
             "version": model.card.version,
             "demo": model.card.demo,
             "device": model.device,
         }
-        entry["probabilities"] = {k: round(v, 4) for k, v in score.probabilities.items()}
+        entry["probabilities"] = {k: round(v, 3) for k, v in score.probabilities.items()}
         entry["present"] = score.present
-        entry["thresholds"] = {k: round(v, 4) for k, v in score.thresholds.items()}
+        entry["thresholds"] = {k: round(v, 3) for k, v in score.thresholds.items()}
         entry["scored_instances"] = len(score.used_instances)
         if args.heatmap_dir is not None and score.display_image is not None:
             entry["overlay"] = str(_overlay(args.heatmap_dir, results.index(entry), entry, score))

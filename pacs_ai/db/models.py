@@ -327,3 +327,44 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_login_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class ModelObservation(Base):
+    """What a model said about one series (monitoring's rolling window, pacs_ai.monitoring):
+    one row per finding with its score and decision, or one row (label "") for a series the
+    model refused as out of distribution."""
+
+    __tablename__ = "model_observations"
+    __table_args__ = (Index("ix_model_observations_model_label", "model_name", "label", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    mode: Mapped[str] = mapped_column(String(8))  # active | shadow
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"))
+    label: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float | None] = mapped_column(Float)
+    present: Mapped[bool | None] = mapped_column(Boolean)
+    refused: Mapped[bool] = mapped_column(Boolean, default=False)
+    ood_score: Mapped[float | None] = mapped_column(Float)
+
+
+class ModelAlert(Base):
+    """A monitoring alert (collapse, positive rate out of band, score shift, OOD spike); open
+    while ``cleared_at`` is null. ``value``: the window's statistic, ``reference``: the
+    validation value it is compared with."""
+
+    __tablename__ = "model_alerts"
+    __table_args__ = (Index("ix_model_alerts_open", "model_name", "cleared_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))
+    value: Mapped[float | None] = mapped_column(Float)
+    reference: Mapped[float | None] = mapped_column(Float)
+    detail: Mapped[str] = mapped_column(String(300))
+    raised_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    cleared_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

@@ -41,8 +41,25 @@ class Classifier(nn.Module):
         self.normalize = normalize
 
     @property
-    def cam_layer(self) -> nn.Module:
-        return self.backbone.get_submodule(self._cam_layer)
+    def cam_layer(self) -> nn.Module | None:
+        """The Grad-CAM layer, or None (a bring-your-own program has no hookable layer)."""
+        return self.backbone.get_submodule(self._cam_layer) if self._cam_layer else None
+
+    def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the penultimate features (the input of the last linear layer), which
+        the out-of-distribution density (:mod:`pacs_ai.inference.ood`) is fitted on."""
+        head = [m for m in self.backbone.modules() if isinstance(m, nn.Linear)][-1]
+        captured: list[torch.Tensor] = []
+
+        def keep(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            captured.append(args[0])
+
+        handle = head.register_forward_pre_hook(keep)
+        try:
+            logits = self(x)
+        finally:
+            handle.remove()
+        return logits, captured[0].flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize == "per_image":

@@ -20,7 +20,10 @@ def grad_cam(model: Classifier, image: torch.Tensor, class_index: int) -> np.nda
         output.retain_grad()
         store["act"] = output
 
-    handle = model.cam_layer.register_forward_hook(keep)
+    layer = model.cam_layer
+    if layer is None:
+        return np.zeros(image.shape[-2:], dtype=np.float32)
+    handle = layer.register_forward_hook(keep)
     try:
         with torch.enable_grad(), torch.autocast(image.device.type, enabled=False):
             x = image.detach().float().requires_grad_(False)
@@ -40,3 +43,29 @@ def grad_cam(model: Classifier, image: torch.Tensor, class_index: int) -> np.nda
     out = (cam / top) if top > 0 else torch.zeros_like(cam)
     model.zero_grad(set_to_none=True)
     return out.float().cpu().numpy().astype(np.float32)
+
+
+def body_mask(image: np.ndarray) -> np.ndarray:
+    """Where the body is in a display image (H, W) in [0, 1]: pixels above Otsu's threshold,
+    closed, with enclosed holes (the lungs) filled, largest connected region only. Outside it
+    (air around the patient, letterbox padding) a heatmap says nothing."""
+    from scipy import ndimage
+
+    img = np.asarray(image, dtype=np.float32)
+    hist, edges = np.histogram(img, bins=64, range=(0.0, 1.0))
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight = np.cumsum(hist)
+    total = weight[-1]
+    if total == 0:
+        return np.zeros(img.shape, dtype=bool)
+    mean_low = np.cumsum(hist * centres) / np.maximum(weight, 1)
+    mean_all = float((hist * centres).sum() / total)
+    between = weight * (total - weight) * (mean_low - mean_all) ** 2 / np.maximum(total - weight, 1)
+    threshold = centres[int(np.argmax(between))]
+    mask = ndimage.binary_closing(img > threshold, iterations=3)
+    mask = ndimage.binary_fill_holes(mask)
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return np.zeros(img.shape, dtype=bool)
+    largest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+    return np.asarray(labels == largest)

@@ -17,6 +17,8 @@ from typing import Any, Literal
 from pacs_ai.codes import COVID19, PNEUMONIA, Code
 from pacs_ai.errors import ModelError, ModelRefused
 from pacs_ai.imaging.prepare import InputSpec
+from pacs_ai.inference.card_schema import validate_card
+from pacs_ai.inference.ood import OodSpec
 
 CARD_FILE = "card.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -65,6 +67,12 @@ class ModelCard:
     weights_sha256: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    ood: OodSpec | None = None
+    # validation reference for monitoring: n, positive_rate and score_deciles per finding
+    reference: dict[str, Any] = field(default_factory=dict)
+    # bring-your-own programs (docs/models.md): "builtin", "torchscript" or "torch_export"
+    format: str = "builtin"
+    program: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +103,9 @@ class ModelCard:
             "weights_sha256": self.weights_sha256,
             "training": self.training,
             "metrics": self.metrics,
+            **({"ood": self.ood.to_dict()} if self.ood else {}),
+            **({"reference": self.reference} if self.reference else {}),
+            **({"format": self.format, "program": self.program} if self.program else {}),
         }
 
     @classmethod
@@ -120,6 +131,10 @@ class ModelCard:
                 weights_sha256=str(data.get("weights_sha256", "")),
                 metrics=dict(data.get("metrics", {})),
                 training=dict(data.get("training", {})),
+                ood=OodSpec.from_dict(data["ood"]) if data.get("ood") else None,
+                reference=dict(data.get("reference", {})),
+                format=str(data.get("format", "builtin")),
+                program=dict(data.get("program", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"model card is invalid: {type(exc).__name__}: {exc}") from exc
@@ -138,6 +153,7 @@ def load_card(model_dir: Path) -> ModelCard:
         raise ModelError(f"no {CARD_FILE} in {model_dir}") from exc
     except json.JSONDecodeError as exc:
         raise ModelError(f"{path} is not valid JSON: {exc}") from exc
+    validate_card(data)
     return ModelCard.from_dict(data)
 
 

@@ -34,7 +34,7 @@ from pacs_ai.imaging.gating import xray_image_problem
 from pacs_ai.imaging.prepare import ct_input, ct_scored_slices, stack_inputs, xray_input
 from pacs_ai.inference.aggregate import aggregate, suspicion
 from pacs_ai.inference.architectures import Classifier, build_model
-from pacs_ai.inference.cam import grad_cam
+from pacs_ai.inference.cam import body_mask, grad_cam
 from pacs_ai.inference.card import (
     SAFETENSORS_FILE,
     STATE_DICT_FILE,
@@ -42,6 +42,7 @@ from pacs_ai.inference.card import (
     check_deployable,
     load_card,
 )
+from pacs_ai.inference.ood import OodDensity, refusal_reason
 
 log = logging.getLogger(__name__)
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -58,7 +59,8 @@ class SeriesScore:
     ``thresholds``: the operating threshold per reportable finding label.
     ``used_instances``: SOP Instance UIDs of the images that were scored.
     ``heatmap``: Grad-CAM (H, W) float32 in [0, 1] over ``display_image`` for the most
-    probable finding, or None (no reportable finding class).
+    probable finding (``heatmap_label``), zero outside the body
+    (:func:`pacs_ai.inference.cam.body_mask`), or None (no reportable finding class).
     ``display_image``: (H, W) float32 in [0, 1]: the preprocessed X-ray, or the most
     suspicious CT slice in the lung window.
     """
@@ -69,6 +71,19 @@ class SeriesScore:
     used_instances: list[str]
     heatmap: np.ndarray | None
     display_image: np.ndarray | None
+    ood_score: float | None = None
+    ood_threshold: float | None = None
+    heatmap_label: str | None = None  # the finding (code meaning) the heatmap is for
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the series is refused as out of distribution, or None (in distribution, or
+        the model has no OOD density)."""
+        if self.ood_score is None or self.ood_threshold is None:
+            return None
+        if self.ood_score <= self.ood_threshold:
+            return None
+        return refusal_reason(self.ood_score, self.ood_threshold)
 
 
 def select_device(device: str = "auto") -> torch.device:
@@ -166,6 +181,7 @@ class LoadedModel:
         self._model = model.to(device).to(memory_format=torch.channels_last).eval()
         self._finding_idx = [card.classes.index(f.label) for f in card.findings]
         self._lock = threading.Lock()  # one scoring call at a time per model
+        self.ood: OodDensity | None = None  # set by load_model when the card has one
 
     @property
     def module(self) -> Classifier:
@@ -184,7 +200,8 @@ class LoadedModel:
         s, c = self.card.input.size, self.card.input.channels
         self.predict(np.zeros((1, c, s, s), dtype=np.float32))
 
-    def _forward(self, batch: np.ndarray) -> np.ndarray:
+    def _forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities (N, K) and penultimate features (N, D) in float64."""
         x = torch.from_numpy(batch).to(self._torch_device, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last)
         ctx = (
@@ -193,16 +210,24 @@ class LoadedModel:
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), ctx:
-            logits = self._model(x).float() / self.card.temperature
-            return torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64)
+            raw, features = self._model.logits_and_features(x)
+            logits = raw.float() / self.card.temperature
+            probs = torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64)
+            return probs, features.float().cpu().numpy().astype(np.float64)
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         """Calibrated probabilities (N, K) for model inputs (N, C, S, S), in batches."""
+        return self.predict_with_features(inputs)[0]
+
+    def predict_with_features(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (N, K) and penultimate features (N, D), in batches."""
         out = [
             self._forward(np.ascontiguousarray(inputs[i : i + self.batch_size]))
             for i in range(0, len(inputs), self.batch_size)
         ]
-        return np.concatenate(out) if out else np.zeros((0, len(self.card.classes)))
+        if not out:
+            return np.zeros((0, len(self.card.classes))), np.zeros((0, 0))
+        return np.concatenate([p for p, _ in out]), np.concatenate([f for _, f in out])
 
     def heatmap(self, model_input: np.ndarray, class_label: str) -> np.ndarray:
         """Grad-CAM over one model input (C, S, S) for ``class_label``."""
@@ -228,6 +253,7 @@ class LoadedModel:
         plans = [self._plan(list(paths)) for paths in series]
         items = [(si, item) for si, plan in enumerate(plans) for item in plan]
         probs: list[np.ndarray] = []
+        feats: list[np.ndarray] = []
         inputs: list[np.ndarray] = []
         pending: list[np.ndarray] = []
         cache = _LastDataset()
@@ -239,19 +265,26 @@ class LoadedModel:
             pending.append(arr)
             inputs.append(arr)
             if len(pending) == self.batch_size:
-                probs.append(self._forward(stack_inputs(pending)))
+                p, f = self._forward(stack_inputs(pending))
+                probs.append(p)
+                feats.append(f)
                 pending = []
         if pending:
-            probs.append(self._forward(stack_inputs(pending)))
+            p, f = self._forward(stack_inputs(pending))
+            probs.append(p)
+            feats.append(f)
         all_probs = np.concatenate(probs) if probs else np.zeros((0, len(self.card.classes)))
+        all_feats = np.concatenate(feats) if feats else np.zeros((0, 0))
         out: list[SeriesScore] = []
         for si, plan in enumerate(plans):
             idx = [i for i, (s, _) in enumerate(items) if s == si]
-            out.append(
-                self._series_score(
-                    all_probs[idx], [inputs[i] for i in idx], [p[3] for p in plan], heatmaps
-                )
+            score = self._series_score(
+                all_probs[idx], [inputs[i] for i in idx], [p[3] for p in plan], heatmaps
             )
+            if self.ood is not None and self.card.ood is not None:
+                score.ood_score = self.ood.series_score(all_feats[idx])
+                score.ood_threshold = self.card.ood.threshold
+            out.append(score)
         return out
 
     def _series_score(
@@ -259,15 +292,20 @@ class LoadedModel:
     ) -> SeriesScore:
         series_probs = aggregate(probs, self._finding_idx, self.card.aggregation)
         labels = self.card.classes
-        probabilities = {c: float(series_probs[i]) for i, c in enumerate(labels)}
-        thresholds = {f.label: float(self.card.thresholds[f.label]) for f in self.card.findings}
+        # Reported values are rounded to 3 decimals (SR, summary, audit), and the decision is
+        # taken on the rounded values, so no report shows "0.500 >= 0.500: Absent".
+        probabilities = {c: round(float(series_probs[i]), 3) for i, c in enumerate(labels)}
+        thresholds = {
+            f.label: round(float(self.card.thresholds[f.label]), 3) for f in self.card.findings
+        }
         present = {k: probabilities[k] >= t for k, t in thresholds.items()}
         best = int(suspicion(probs, self._finding_idx).argmax())
         display = inputs[best][0].copy()
-        heat = None
-        if heatmaps and self.card.findings:
+        heat, heat_label = None, None
+        if heatmaps and self.card.findings and self._model.cam_layer is not None:
             top = max(thresholds, key=lambda k: probabilities[k])
-            heat = self.heatmap(inputs[best], top)
+            heat = self.heatmap(inputs[best], top) * body_mask(display)
+            heat_label = next(f.code.meaning for f in self.card.findings if f.label == top)
         return SeriesScore(
             probabilities=probabilities,
             present=present,
@@ -275,6 +313,7 @@ class LoadedModel:
             used_instances=list(dict.fromkeys(uids)),
             heatmap=heat,
             display_image=display,
+            heatmap_label=heat_label,
         )
 
     # A plan item: (path, frame or None, kind, SOP Instance UID).
@@ -347,7 +386,8 @@ def load_model(
     warmup: bool = True,
     require_deployable: bool = True,
 ) -> LoadedModel:
-    """Load a model directory (``card.json`` + weights), offline.
+    """Load a model directory (``card.json`` + weights, or + a TorchScript / ``torch.export``
+    program: :mod:`pacs_ai.inference.program`), offline.
 
     Raises :class:`~pacs_ai.errors.ModelRefused` for a model that fails the deployment check
     (predictions collapse to one class, AUC not above baseline, no validation metrics) and
@@ -358,15 +398,22 @@ def load_model(
     card = load_card(model_dir)
     if require_deployable:
         check_deployable(card)
-    model = build_from_card(card)
-    state = _load_state(model_dir, card)
-    try:
-        model.load_state_dict(
-            {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        )
-    except RuntimeError as exc:
-        raise ModelError(f"weights do not fit architecture {card.arch!r}: {exc}") from exc
+    if card.format != "builtin":
+        from pacs_ai.inference.program import load_program
+
+        model: Classifier = load_program(model_dir, card)
+    else:
+        model = build_from_card(card)
+        state = _load_state(model_dir, card)
+        try:
+            model.load_state_dict(
+                {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+            )
+        except RuntimeError as exc:
+            raise ModelError(f"weights do not fit architecture {card.arch!r}: {exc}") from exc
     loaded = LoadedModel(card, model, select_device(device), batch_size, precision)
+    if card.ood is not None:
+        loaded.ood = OodDensity.load(model_dir, card.ood)
     if warmup:
         loaded.warm_up()
     log.debug("model %s %s loaded on %s", card.name, card.version, loaded.device)

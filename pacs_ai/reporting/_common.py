@@ -20,7 +20,7 @@ DEMO_STATEMENT = (
     "DEMO - NOT FOR CLINICAL USE. Produced by a demonstration model trained on synthetic "
     "images; it must not be used for diagnosis."
 )
-_DEMO_PREFIX = "DEMO-NOT FOR CLINICAL USE "
+_DEMO_MARK = "DEMO NOT FOR CLINICAL USE"
 
 # Series numbers of our objects: after the modality's series in a viewer's list.
 SERIES_NUMBER = {"sr": 9001, "summary": 9002, "text_sr": 9003}
@@ -81,11 +81,28 @@ def character_set(req: ReportRequest) -> str | list[str] | None:
 
 
 def series_description(req: ReportRequest, what: str) -> str:
-    """SeriesDescription (LO, 64): the demo marker first, so truncation never drops it."""
-    text = f"AI {what} {req.algorithm.name} {req.algorithm.version}"
+    """SeriesDescription (LO, 64): what the object is first (viewers cut the list at ~20
+    characters, so "AI result SR", "AI text SR" and "AI summary image" stay apart), then the
+    demo marker, then the model (which truncation may shorten; the marker stays)."""
+    head = f"AI {what}"
     if req.algorithm.demo:
-        text = _DEMO_PREFIX + text
-    return text[:64].rstrip()
+        head += f" - {_DEMO_MARK}"
+    return f"{head} - {req.algorithm.name} {req.algorithm.version}"[:64].rstrip()
+
+
+def declare_private_scheme(ds: Dataset) -> None:
+    """Coding Scheme Identification for our 99PACSAI concepts (PS3.3 C.12.1.1.2)."""
+    item = Dataset()
+    item.CodingSchemeDesignator = codes.PRIVATE_SCHEME
+    item.CodingSchemeName = codes.PRIVATE_SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = "pacs-ai project"
+    ds.CodingSchemeIdentificationSequence = [item]
+
+
+def series_date_time(ds: Dataset) -> None:
+    """SeriesDate/SeriesTime of an AI series: when the object was made."""
+    ds.SeriesDate = str(ds.get("ContentDate") or ds.get("InstanceCreationDate") or "")
+    ds.SeriesTime = str(ds.get("ContentTime") or ds.get("InstanceCreationTime") or "")
 
 
 def contributing_equipment(req: ReportRequest) -> list[hd.ContributingEquipment]:
@@ -144,7 +161,7 @@ def predecessors(req: ReportRequest) -> list[Dataset] | None:
 
 
 def _fmt(value: float) -> str:
-    return f"{value:.4f}".rstrip("0").rstrip(".")
+    return f"{value:.3f}"
 
 
 def decision(finding: FindingResult) -> str:

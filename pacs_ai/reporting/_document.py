@@ -55,7 +55,7 @@ def report_document(
     """An SR report of ``kind`` for ``req``: the header every pacs-ai SR shares (same study,
     own series, deterministic UIDs, UNVERIFIED, predecessors, contributing equipment)."""
     algo = req.algorithm
-    return sr_document(
+    doc = sr_document(
         factory,
         content,
         evidence=_common.evidence(req),
@@ -74,3 +74,5 @@ def report_document(
         software_versions=algo.version,
         specific_character_set=_common.character_set(req),
     )
+    _common.series_date_time(doc)
+    return doc

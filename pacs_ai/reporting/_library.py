@@ -74,16 +74,48 @@ def _shared_descriptors(
     return items
 
 
-def _entries(images: Sequence[Dataset]) -> list[ImageContentItem]:
-    return [
-        ImageContentItem(
+def _entries(images: Sequence[Dataset], which_slice: bool = False) -> list[ImageContentItem]:
+    out = []
+    for ds in images:
+        item = ImageContentItem(
             name=_SOURCE,
             referenced_sop_class_uid=str(ds.SOPClassUID),
             referenced_sop_instance_uid=str(ds.SOPInstanceUID),
             relationship_type=RelationshipTypeValues.CONTAINS,
         )
-        for ds in images
-    ]
+        if which_slice:
+            descriptors = _slice_descriptors(ds)
+            if descriptors:
+                item.ContentSequence = ContentSequence(descriptors)
+        out.append(item)
+    return out
+
+
+def _slice_descriptors(ds: Dataset) -> list[NumContentItem]:
+    """TID 1602 per-image descriptors that say which slice an entry is: its Instance Number
+    and table position (Image Position (Patient) Z, mm)."""
+    items = []
+    number = ds.get("InstanceNumber")
+    if number is not None and str(number).strip():
+        items.append(
+            NumContentItem(
+                Code("113609", "DCM", "Instance Number"),
+                int(number),
+                Code("1", "UCUM", "no units"),
+                relationship_type=_ACQ,
+            )
+        )
+    position = ds.get("ImagePositionPatient")
+    if position is not None and len(position) == 3:
+        items.append(
+            NumContentItem(
+                codes.DCM.ImagePositionPatientZ,
+                round(float(position[2]), 2),
+                Code("mm", "UCUM", "millimeter"),
+                relationship_type=_ACQ,
+            )
+        )
+    return items
 
 
 def image_library(sources: Sequence[Dataset]) -> ContainerContentItem:
@@ -100,7 +132,8 @@ def image_library(sources: Sequence[Dataset]) -> ContainerContentItem:
             name=codes.DCM.ImageLibraryGroup, relationship_type=RelationshipTypeValues.CONTAINS
         )
         group.ContentSequence = ContentSequence(_shared_descriptors(images))
-        group.ContentSequence.extend(_entries(images))
+        multi_slice = len(images) > 1 or str(images[0].get("Modality", "")) == "CT"
+        group.ContentSequence.extend(_entries(images, which_slice=multi_slice))
         library.ContentSequence.append(group)
     return library
 

@@ -19,6 +19,24 @@ ABSENT = Code("272519000", "SCT", "Absent")
 PROBABILITY = Code("122157", "DCM", "Probability")
 THRESHOLD = Code("122411", "DCM", "Threshold Value")
 UNITLESS = Code("1", "UCUM", "no units")
+# A probability is dimensionless (UCUM "1"); the UCUM annotation "{probability}" has the same
+# dimension and magnitude and tells a reader what the number is, where "1" reads as a count.
+PROBABILITY_UNIT = Code("{probability}", "UCUM", "probability")
+MILLIMETRE = Code("mm", "UCUM", "millimeter")
+IMAGE_POSITION_Z = Code("110903", "DCM", "Image Position (Patient) Z")
+INSTANCE_NUMBER = Code("113609", "DCM", "Instance Number")
+
+# Our own coding scheme (declared in CodingSchemeIdentificationSequence) for concepts that no
+# standard terminology has: "Probability of <finding>", so that the number is labelled by
+# what it is in every viewer, not by a generic "Probability" under a group heading.
+PRIVATE_SCHEME = "99PACSAI"
+PRIVATE_SCHEME_NAME = "pacs-ai result concepts"
+
+
+def probability_of(finding: Code) -> Code:
+    """The NUM concept "Probability of <finding>" (64 characters at most)."""
+    return Code(f"P{finding.value}"[:16], PRIVATE_SCHEME, f"Probability of {finding.meaning}"[:64])
+
 
 # Observation context, titles, sections.
 DEVICE = Code("121007", "DCM", "Device")

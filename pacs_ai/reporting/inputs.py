@@ -114,6 +114,7 @@ class ReportRequest:
     predecessor: PriorReport | None = None
     display_image: np.ndarray | None = None
     heatmap: np.ndarray | None = None
+    heatmap_label: str | None = None  # the finding the heatmap is for (summary image legend)
 
     def __post_init__(self) -> None:
         if not self.sources:

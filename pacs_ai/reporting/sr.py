@@ -11,10 +11,13 @@ Content tree (``dsrdump`` shows it; docs/reporting.md has an example)::
           Tracking identifier/UID, Finding (the finding code)
           Algorithm identification (TID 4019: name, version, parameters incl. thresholds)
           Source images used (every source image)
-          Probability  NUM 0..1 {no units}
-          Threshold Value  NUM 0..1 {no units}
+          Qualitative Evaluations  TEXT "COVID-19: PRESENT (probability 0.870, threshold 0.420)"
+          Probability of <finding>  NUM 0..1 {probability}   (99PACSAI code, 3 decimals)
+          Threshold Value  NUM 0..1 {probability}
           <finding code> = Present | Absent   (qualitative evaluation)
-      Qualitative Evaluations: TEXT "DEMO - NOT FOR CLINICAL USE ..."   (demo models only)
+
+    Demo models: a "Qualitative Evaluations" container with the TEXT "DEMO - NOT FOR CLINICAL
+    USE ..." is the first content item, before everything else.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def _group(
     sop_uid: str,
 ) -> MeasurementsAndQualitativeEvaluations:
     finding_code = _code(finding.code)
-    return MeasurementsAndQualitativeEvaluations(
+    group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=derived_uid(sop_uid, "finding", finding.label),
             identifier=finding.label,
@@ -66,12 +69,36 @@ def _group(
         algorithm_id=algorithm,
         source_images=source_images,
         measurements=[
-            Measurement(codes.PROBABILITY, float(finding.probability), codes.UNITLESS),
-            Measurement(codes.THRESHOLD, float(finding.threshold), codes.UNITLESS),
+            Measurement(
+                codes.probability_of(finding_code),
+                round(float(finding.probability), 3),
+                codes.PROBABILITY_UNIT,
+            ),
+            Measurement(
+                codes.THRESHOLD, round(float(finding.threshold), 3), codes.PROBABILITY_UNIT
+            ),
         ],
         qualitative_evaluations=[
             QualitativeEvaluation(finding_code, codes.PRESENT if finding.present else codes.ABSENT)
         ],
+    )
+    # TID 1501 "Qualitative Evaluations" TEXT: the result as one sentence, first in the group,
+    # so renderers that show values without concept names (dsr2html) still say what is what.
+    container = group[0]
+    container.ContentSequence.insert(
+        _first_contains(container.ContentSequence),
+        TextContentItem(
+            name=codes.QUALITATIVE_EVALUATIONS,
+            value=_common.finding_line(finding),
+            relationship_type=RelationshipTypeValues.CONTAINS,
+        ),
+    )
+    return group
+
+
+def _first_contains(items: ContentSequence) -> int:
+    return next(
+        (i for i, item in enumerate(items) if item.RelationshipType == "CONTAINS"), len(items)
     )
 
 
@@ -117,5 +144,7 @@ def build_sr(req: ReportRequest) -> Dataset:
     measurements = next(i for i, item in enumerate(items) if item.name == _IMAGING_MEASUREMENTS)
     items.insert(measurements, image_library(req.sources))
     if algo.demo:
-        items.append(_demo_container())
-    return report_document(Comprehensive3DSR, report, req, "sr", "result")
+        items.insert(0, _demo_container())  # the first thing every renderer shows
+    doc = report_document(Comprehensive3DSR, report, req, "sr", "result SR")
+    _common.declare_private_scheme(doc)
+    return doc

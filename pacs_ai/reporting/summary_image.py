@@ -86,7 +86,10 @@ def _text_lines(req: ReportRequest) -> list[tuple[str, tuple[int, int, int]]]:
         )
     lines.append((_common.model_line(req), _WHITE))
     if req.heatmap is not None:
-        lines.append(("Overlay: model heatmap (blue low, red high)", _WHITE))
+        what = f" for {req.heatmap_label}" if req.heatmap_label else ""
+        lines.append(
+            (f"Overlay: model heatmap{what}, inside the body only (blue low, red high)", _WHITE)
+        )
     return lines
 
 
@@ -150,7 +153,7 @@ def build_summary_image(req: ReportRequest) -> Dataset:
         instance_number=req.study_revision + 1,
         manufacturer=algo.manufacturer,
         contributing_equipment=_common.contributing_equipment(req),
-        series_description=_common.series_description(req, "summary"),
+        series_description=_common.series_description(req, "summary image"),
         manufacturer_model_name=algo.name,
         software_versions=algo.version,
         specific_character_set=_common.character_set(req),
@@ -161,6 +164,7 @@ def build_summary_image(req: ReportRequest) -> Dataset:
     # model we run is a chest model.
     sc.BodyPartExamined = first.get("BodyPartExamined") or "CHEST"
     sc.BurnedInAnnotation = "YES"
+    _common.series_date_time(sc)
     sc.DerivationDescription = (
         "AI result summary: source image resized, heatmap overlay, burned-in result text"
     )

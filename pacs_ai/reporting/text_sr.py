@@ -75,5 +75,5 @@ def build_text_sr(req: ReportRequest) -> Dataset:
     root.ContentSequence.append(_findings_section(req))
     root.ContentSequence.append(flat_image_library(req.sources))
     return report_document(
-        _BasicTextSR, ContentSequence([root], is_root=True), req, "text_sr", "text"
+        _BasicTextSR, ContentSequence([root], is_root=True), req, "text_sr", "text SR"
     )

@@ -155,7 +155,7 @@ def _findings(sr: pydicom.Dataset) -> dict[str, dict[str, object]]:
             if item.ValueType == "CODE" and name == "Finding":
                 finding = item.ConceptCodeSequence[0].CodeMeaning
                 out.setdefault(finding, {})
-            if finding and item.ValueType == "NUM" and name == "Probability":
+            if finding and item.ValueType == "NUM" and name == f"Probability of {finding}":
                 out[finding]["probability"] = float(item.MeasuredValueSequence[0].NumericValue)
             if finding and item.ValueType == "CODE" and name == finding:
                 out[finding]["present"] = item.ConceptCodeSequence[0].CodeMeaning == "Present"
@@ -189,7 +189,14 @@ def test_dx_end_to_end(start_service: ServiceFactory, orthanc: Orthanc, tmp_path
     }
     assert referenced == {dx.SOPInstanceUID}
     equipment = sr.ContributingEquipmentSequence
-    assert any("demo" in str(e.get("ManufacturerModelName", "")).lower() for e in equipment)
+    # the card's demo flag (not the model's name) puts the warning in the objects
+    ai = [e for e in equipment if e.get("ManufacturerModelName") == "pacs-ai-cxr-demo"]
+    assert [e.ContributionDescription for e in ai] == [
+        "AI inference result (DEMO - not for clinical use)"
+    ]
+    assert (
+        sr.ContentSequence[0].ContentSequence[0].TextValue.startswith("DEMO - NOT FOR CLINICAL USE")
+    )
     findings = _findings(sr)
     assert set(findings) == {"COVID-19", "Pneumonia"}
     with svc.engine.connect() as c:

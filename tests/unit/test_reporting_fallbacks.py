@@ -177,7 +177,7 @@ def test_text_sr_valid_and_complete(kind: str, tmp_path: Path) -> None:
     ]
     assert _texts(ds, "111001") == [DEMO.name]
     assert _texts(ds, "111003") == [DEMO.version]
-    assert "threshold covid19=0.42" in _texts(ds, "111002")
+    assert "threshold covid19=0.420" in _texts(ds, "111002")
     assert any("NOT FOR CLINICAL USE" in t for t in _texts(ds, "121106"))
     assert _device_uids(ds) == _device_uids(build_sr(req))  # the same device observer as the SR
     assert len(_device_uids(ds)) == 1

@@ -121,10 +121,11 @@ def test_sr_content_read_back(sources: list[Dataset], tmp_path: Path) -> None:
         assert group.finding_type.value == finding.code.value
         assert group.tracking_identifier == finding.label
         values = {m.name.meaning: (m.value, m.unit.value) for m in group.get_measurements()}
-        assert values.keys() == {"Probability", "Threshold Value"}
-        assert values["Probability"][0] == pytest.approx(finding.probability)
+        probability = f"Probability of {finding.code.meaning}"
+        assert values.keys() == {probability, "Threshold Value"}
+        assert values[probability][0] == pytest.approx(finding.probability)
         assert values["Threshold Value"][0] == pytest.approx(finding.threshold)
-        assert {unit for _, unit in values.values()} == {"1"}
+        assert {unit for _, unit in values.values()} == {"{probability}"}
         [evaluation] = group.get_qualitative_evaluations()
         assert evaluation.name.value == finding.code.value
         assert isinstance(evaluation.value, hd.sr.CodedConcept)
@@ -144,8 +145,8 @@ def test_sr_content_read_back(sources: list[Dataset], tmp_path: Path) -> None:
     params = set(_texts(ds, "DCM", "111002"))
     assert {
         "input=224x224 lung window",
-        "threshold covid19=0.42",
-        "threshold pneumonia=0.5",
+        "threshold covid19=0.420",
+        "threshold pneumonia=0.500",
     } <= params
 
     # Device observer: the algorithm.

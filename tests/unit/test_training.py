@@ -58,7 +58,14 @@ def test_model_dir_has_card_plots_and_small_weights(trained: Path) -> None:
     assert set(card["thresholds"]) == {"covid", "pneumonia"}
     assert [f["code"]["value"] for f in card["findings"]] == ["840539006", "233604007"]
     loaded = load_model(model_dir, "cpu")
-    assert loaded.card.temperature > 0 and loaded.device == "cpu"
+    assert loaded.card.temperature == card["temperature"]
+    assert all(round(t, 3) == t for t in card["thresholds"].values())  # what reports show
+    ood = card["ood"]
+    assert ood["method"] == "mahalanobis_shared_covariance" and ood["quantile"] == 0.9999
+    assert ood["false_refusal_rate"]["test"]["n"] == 60
+    assert loaded.ood is not None
+    assert (model_dir / "ood.safetensors").stat().st_size < 1_000_000
+    assert set(card["reference"]["positive_rate"]) == {"covid", "pneumonia"}
 
 
 def test_evaluate_cli_json(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -122,3 +129,52 @@ def test_wilson_interval_and_threshold_by_hand() -> None:
     # separable: 2 of 3 positives needed (0.98); the margin reaches down to the negative 0.2
     y2, s2 = np.array([1, 1, 1, 0]), np.array([0.99, 0.98, 0.97, 0.2])
     assert threshold_for_sensitivity(y2, s2, 0.6) == pytest.approx(0.59)
+
+
+def test_init_weights_from_a_torchvision_checkpoint(tmp_path: Path) -> None:
+    import torch
+    from torchvision.models import resnet18
+
+    from pacs_ai.inference.architectures import build_model
+    from pacs_ai.training.train import load_init_weights
+
+    torch.manual_seed(1)
+    reference = resnet18(weights=None)  # 3-channel conv1, 1000-class head: ImageNet layout
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model("resnet18", 1, 3, "per_image")
+    copied = load_init_weights(model, path)
+    own = model.backbone.state_dict()
+    assert "fc.weight" not in copied and "conv1.weight" in copied
+    assert torch.equal(
+        own["layer3.0.conv1.weight"], reference.state_dict()["layer3.0.conv1.weight"]
+    )
+    summed = reference.state_dict()["conv1.weight"].sum(dim=1, keepdim=True)
+    assert torch.allclose(own["conv1.weight"], summed, atol=1e-6)
+    assert own["fc.weight"].shape == (3, 512)
+    slim = build_model("resnet18_slim", 1, 3, "per_image")
+    with pytest.raises(ModelRefused, match="no tensor of --init-weights"):
+        load_init_weights(slim, path)
+
+
+def test_step_schedule_warms_up_and_early_stopping_waits(tmp_path: Path) -> None:
+    from pacs_ai.training.train import lr_factor
+
+    factors = [lr_factor(s, 300, 0.1) for s in range(300)]
+    assert factors[0] == pytest.approx(1 / 30) and factors[29] == pytest.approx(1.0)
+    assert factors[-1] == pytest.approx(0.05, abs=0.01)
+    assert max(factors) == pytest.approx(1.0)
+    # a model that learns nothing (every class the same image) still runs half the steps
+    src = tmp_path / "src"
+    synth(src, "cxr", 1, seed=5, size=64)
+    one = pydicom.dcmread(next(src.rglob("*.dcm")))
+    for label in ("covid", "normal", "pneumonia"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(6):
+            one.PatientID = f"{label}{i}"
+            one.save_as(tmp_path / "data" / label / f"{i}.dcm")
+    opts = TrainOptions(kind="cxr", size=32, steps=40, batch_size=8, patience=1, progress=False)
+    with pytest.raises(ModelRefused):
+        train(tmp_path / "data", tmp_path / "model", opts)
+    card = json.loads((tmp_path / "model" / "card.json").read_text())
+    assert card["training"]["steps"] == 40 and card["training"]["steps_run"] >= 20
