@@ -71,11 +71,13 @@ def test_shadow_mode_records_findings_and_delivers_nothing(
     wait_for(lambda: _study(svc)[0] == StudyState.REPORTED, timeout=60)
     assert _study(svc) == (StudyState.REPORTED, "shadow mode: recorded, not delivered")
     assert _count(svc, Finding) == 2  # covid, pneumonia: visible to admins
-    assert _count(svc, Report) == 1  # the SR, written under reports.path
     assert _count(svc, Delivery) == 0
     with svc.engine.connect() as c:
+        # the SR and the summary image (reports.objects), written under reports.path
+        kinds = sorted(c.scalars(select(Report.kind)))
         modes = set(c.scalars(select(ModelObservation.mode)))
         path = c.scalar(select(Report.path))
+    assert kinds == ["sr", "summary"]
     assert modes == {"shadow"}
     assert (svc.settings.reports.path / str(path)).is_file()
 
