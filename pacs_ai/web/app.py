@@ -236,6 +236,10 @@ class _Console:
         for c in checks:
             if not c.ok:
                 alerts.append(("danger", f"{c.name}: {c.detail}", "/readyz"))
+        for a in data["model_alerts"]:
+            alerts.append(
+                ("danger", f"model {a['model']} ({a['label']}): {a['detail']}", "/models")
+            )
         chart = json.dumps(data["chart"])
         return self.page(
             request, "overview.html", d=data, checks=checks, alerts=alerts, chart_json=chart

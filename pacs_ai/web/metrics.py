@@ -11,6 +11,7 @@ scrape. Gauges (studies and deliveries by state, ages, free space) are indexed a
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,11 +30,13 @@ from sqlalchemy import ColumnElement, Connection, Engine, Select, case, func, li
 from pacs_ai.config import Settings
 from pacs_ai.db.models import (
     Association,
+    AuditEvent,
     Delivery,
     DeliveryState,
     Finding,
     Job,
     JobState,
+    ModelAlert,
     Study,
     StudyState,
     utcnow,
@@ -106,6 +109,32 @@ def _add(into: dict[Key, list[float]], other: dict[Key, list[float]]) -> None:
             cur[i] += v
 
 
+# Retention's audit actions and the detail key holding each one's count.
+_PURGE_ACTIONS = {"objects_purged": "instances", "reports_purged": "reports"}
+
+
+class _Purges:
+    """What retention purged, from its audit events (count and bytes in each event's detail),
+    read incrementally by primary key like :class:`_Tally`."""
+
+    def __init__(self) -> None:
+        self._hwm = 0
+        self.items: dict[str, float] = dict.fromkeys(_PURGE_ACTIONS, 0.0)
+        self.bytes: dict[str, float] = dict.fromkeys(_PURGE_ACTIONS, 0.0)
+
+    def read(self, conn: Connection) -> None:
+        rows = conn.execute(
+            select(AuditEvent.id, AuditEvent.action, AuditEvent.detail)
+            .where(AuditEvent.id > self._hwm, AuditEvent.action.in_(list(_PURGE_ACTIONS)))
+            .order_by(AuditEvent.id)
+        ).all()
+        for row in rows:
+            detail = json.loads(row.detail or "{}")
+            self.items[row.action] += float(detail.get(_PURGE_ACTIONS[row.action], 0) or 0)
+            self.bytes[row.action] += float(detail.get("bytes", 0) or 0)
+            self._hwm = row.id
+
+
 class DatabaseCollector(Collector):
     """Collects on every scrape; one short read transaction."""
 
@@ -147,6 +176,8 @@ class DatabaseCollector(Collector):
             ],
             settled=Job.finished_at.is_not(None),
         )
+
+        self._purges = _Purges()
 
     def describe(self) -> Iterable[Metric]:
         return []  # collected on demand only (no query at registration)
@@ -266,6 +297,34 @@ class DatabaseCollector(Collector):
             "Age of the oldest delivery not yet delivered, dead ones included (0 when none).",
             value=_age(now, oldest_undelivered),
         )
+        self._purges.read(conn)
+        purged = CounterMetricFamily(
+            "pacs_ai_retention_purged",
+            "What retention purged: received instances and report objects (files; rows are kept).",
+            labels=["what"],
+        )
+        purged_bytes = CounterMetricFamily(
+            "pacs_ai_retention_purged_bytes",
+            "Bytes of files retention purged.",
+            labels=["what"],
+        )
+        for action, what in _PURGE_ACTIONS.items():
+            purged.add_metric([what], self._purges.items[action])
+            purged_bytes.add_metric([what], self._purges.bytes[action])
+        yield purged
+        yield purged_bytes
+        alerts = GaugeMetricFamily(
+            "pacs_ai_model_alerts_open",
+            "Open model-monitoring alerts (collapse, positive rate, score shift, OOD refusals).",
+            labels=["model", "label", "kind"],
+        )
+        for name, label, kind, n in conn.execute(
+            select(ModelAlert.model_name, ModelAlert.label, ModelAlert.kind, func.count())
+            .where(ModelAlert.cleared_at.is_(None))
+            .group_by(ModelAlert.model_name, ModelAlert.label, ModelAlert.kind)
+        ):
+            alerts.add_metric([name, label, kind], n)
+        yield alerts
 
     def _spool(self) -> Iterator[Metric]:
         path = self._settings.storage.path

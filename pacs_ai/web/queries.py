@@ -18,6 +18,7 @@ from pacs_ai.db.models import (
     Instance,
     Job,
     JobState,
+    ModelAlert,
     Series,
     Study,
     StudyState,
@@ -153,6 +154,14 @@ def overview(engine: Engine, now: dt.datetime | None = None) -> dict[str, Any]:
             r[0]: r[1]
             for r in conn.execute(select(Delivery.state, func.count()).group_by(Delivery.state))
         }
+        model_alerts = [
+            {"model": r.model_name, "label": r.label or "series", "detail": r.detail}
+            for r in conn.execute(
+                select(ModelAlert.model_name, ModelAlert.label, ModelAlert.detail)
+                .where(ModelAlert.cleared_at.is_(None))
+                .order_by(ModelAlert.id)
+            )
+        ]
         assoc = conn.execute(
             select(
                 func.count(),
@@ -201,6 +210,7 @@ def overview(engine: Engine, now: dt.datetime | None = None) -> dict[str, Any]:
             (delivered_at - last_received).total_seconds()
         )
     return {
+        "model_alerts": model_alerts,
         "studies_by_state": {s.value: by_state.get(s, 0) for s in StudyState},
         "deliveries_by_state": {s.value: deliveries.get(s, 0) for s in DeliveryState},
         "last24": {

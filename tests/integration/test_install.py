@@ -135,7 +135,7 @@ def test_wheel_installs_into_a_clean_venv_and_serves(tmp_path: Path) -> None:
     run = _run(pacs_ai, "db", "upgrade", "--config", config, cwd=home)
     assert (run.returncode, run.stdout) == (0, f"database at revision {head_revision()}\n")
 
-    port = free_port()
+    port, http_port = free_port(), free_port()
     log = tmp_path / "serve.log"
     # As under systemd (Type=notify): READY=1 arrives once the checks passed.
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -147,6 +147,7 @@ def test_wheel_installs_into_a_clean_venv_and_serves(tmp_path: Path) -> None:
             cwd=home,
             env=_clean_env(
                 PACS_AI_DICOM__PORT=str(port),
+                PACS_AI_HTTP__PORT=str(http_port),
                 PYTHONUNBUFFERED="1",
                 NOTIFY_SOCKET=f"@pacs-ai-test-{os.getpid()}-{port}",
             ),
@@ -163,10 +164,16 @@ def test_wheel_installs_into_a_clean_venv_and_serves(tmp_path: Path) -> None:
                 ready = notify.recv(64)
         assert ready == b"READY=1"
         text = log.read_text()
-        assert text.splitlines()[-1].endswith(
+        # The summary's last line, then the console (on in the packaged config), no users yet.
+        lines = text.splitlines()
+        assert lines[-3].endswith(
             "retention: objects after 30 d (failed 90 d), reports 90 d, audit 2190 d, "
             "oldest first below 1000 MB free, every 3600 s"
         )
+        assert lines[-2].endswith(
+            f"console: http://127.0.0.1:{http_port}/ (also /metrics, /healthz, /readyz)"
+        )
+        assert lines[-1].endswith("no console users yet: `pacs-ai user add NAME --role admin`")
         assert f"pacs-ai {__version__} started with config {config}" in text
         assert f"dicom: AE PACS_AI on 127.0.0.1:{port}, TLS off" in text
         assert "model cxr: pacs-ai-cxr-demo 1.0 (DEMO, not for clinical use)" in text

@@ -47,7 +47,7 @@ def test_purge_after_delivery_keeps_history_and_a_resend_is_stored_again(
 ) -> None:
     svc = start_service(
         pipeline={"enabled": True, "poll_seconds": 0.2},
-        reports={"path": str(tmp_path / "reports")},
+        reports={"path": str(tmp_path / "reports"), "objects": ["sr"]},  # one report file
         retention={
             "objects_days": 0,
             "failed_objects_days": 0,

@@ -29,11 +29,19 @@ def _write_cxr(folder: Path, kind: str, seed: int, **kw: object) -> Path:
     return path
 
 
-def _write_ct(folder: Path, kind: str, seed: int, shuffle: bool = True) -> list[Path]:
+def _write_ct(
+    folder: Path, kind: str, seed: int, shuffle: bool = True, like_synth: bool = False
+) -> list[Path]:
+    """A small phantom series; ``like_synth``: the geometry `pacs-ai synth` trains the
+    bundled model on (40 x 128², 7.5 mm slices), i.e. inside its out-of-distribution bound."""
     folder.mkdir(parents=True, exist_ok=True)
-    vol = ct_phantom(kind, np.random.default_rng(seed), (30, 96, 96))  # type: ignore[arg-type]
-    datasets = dw.ct_series(vol, slice_thickness_mm=10.0, pixel_spacing_mm=3.6)
-    order = np.random.default_rng(seed).permutation(len(datasets)) if shuffle else range(30)
+    shape = (40, 128, 128) if like_synth else (30, 96, 96)
+    vol = ct_phantom(kind, np.random.default_rng(seed), shape)  # type: ignore[arg-type]
+    thickness, spacing = (7.5, 2.8) if like_synth else (10.0, 3.6)
+    datasets = dw.ct_series(vol, slice_thickness_mm=thickness, pixel_spacing_mm=spacing)
+    order = (
+        np.random.default_rng(seed).permutation(len(datasets)) if shuffle else range(len(datasets))
+    )
     paths = []
     for j, z in enumerate(order):
         path = folder / f"im{j:03d}.dcm"
@@ -136,8 +144,8 @@ def test_bundled_cxr_model_scores_phantoms_and_the_real_cr(tmp_path: Path) -> No
 def test_bundled_ct_model_separates_covid(tmp_path: Path) -> None:
     model = load_model(bundled_model_dir("ct"), "cpu")
     assert model.card.classes == ("covid", "other") and model.card.demo
-    covid = model.score_series([_write_ct(tmp_path / "c", "covid", 2001)])[0]
-    normal = model.score_series([_write_ct(tmp_path / "n", "normal", 2002)])[0]
+    covid = model.score_series([_write_ct(tmp_path / "c", "covid", 2001, like_synth=True)])[0]
+    normal = model.score_series([_write_ct(tmp_path / "n", "normal", 2002, like_synth=True)])[0]
     assert covid.probabilities["covid"] > normal.probabilities["covid"]
     assert covid.present["covid"] and not normal.present["covid"]
     assert covid.refusal is None and normal.refusal is None

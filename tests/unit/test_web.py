@@ -451,3 +451,43 @@ def test_logout_ends_the_session(console: Console) -> None:
     r = c.post("/logout", data={"csrf": token})
     assert r.status_code == 303 and r.headers["location"] == "/login"
     assert c.get("/").status_code == 302
+
+
+def test_metrics_and_overview_show_retention_purges_and_model_alerts(console: Console) -> None:
+    from sqlalchemy import insert
+
+    from pacs_ai.db.events import write_audit
+    from pacs_ai.db.models import ModelAlert
+
+    c = console.client()
+    with console.engine.begin() as conn:
+        for n, size in ((3, 3000), (2, 1500)):
+            write_audit(
+                conn, "system", "objects_purged", "ok", "study", 1, {"instances": n, "bytes": size}
+            )
+        write_audit(
+            conn, "system", "reports_purged", "ok", "study", 1, {"reports": 2, "bytes": 700}
+        )
+        conn.execute(
+            insert(ModelAlert).values(
+                model_name="pacs-ai-cxr-demo",
+                model_version="1.0",
+                label="covid",
+                kind="collapse",
+                detail="every decision Present in the last 50 series",
+                cleared_at=None,
+            )
+        )
+    m = _metrics(c)
+    assert m[("pacs_ai_retention_purged_total", (("what", "instances"),))] == 5
+    assert m[("pacs_ai_retention_purged_bytes_total", (("what", "instances"),))] == 4500
+    assert m[("pacs_ai_retention_purged_total", (("what", "reports"),))] == 2
+    assert m[("pacs_ai_retention_purged_bytes_total", (("what", "reports"),))] == 700
+    key = (
+        "pacs_ai_model_alerts_open",
+        (("kind", "collapse"), ("label", "covid"), ("model", "pacs-ai-cxr-demo")),
+    )
+    assert m[key] == 1
+    assert login(c, "alice", ADMIN_PW) == 303
+    page = c.get("/").text
+    assert "model pacs-ai-cxr-demo (covid): every decision Present in the last 50 series" in page
