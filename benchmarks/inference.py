@@ -41,6 +41,7 @@ from pacs_ai.imaging.ct import plan_volume, select_evenly
 from pacs_ai.imaging.decode import read_dataset, read_header
 from pacs_ai.imaging.prepare import ct_input, xray_input
 from pacs_ai.inference import bundled_model_dir, load_model
+from pacs_ai.inference.precision import cpu_bf16_feature
 from pacs_ai.inference.runner import LoadedModel
 from pacs_ai.training import dicomwriter as dw
 from pacs_ai.training.phantoms import ct_phantom, cxr_phantom
@@ -73,11 +74,8 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048) -> floa
 
 
 def _cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+    """The same detection ``inference.precision = "auto"`` uses."""
+    return cpu_bf16_feature() is not None
 
 
 def flops_per_image(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device) -> int:
@@ -175,6 +173,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cxr-demo (resnet18_slim 224² 1ch)": load_model(bundled_model_dir("cxr"), str(device)),
         "ct-demo (resnet18_slim 128² 2ch)": load_model(bundled_model_dir("ct"), str(device)),
     }
+    # what precision "auto" chose at load, and why (pacs_ai.inference.precision)
+    res["auto_precision"] = {n: f"{m.precision} ({m.precision_reason})" for n, m in models.items()}
     res["models"] = []
     for name, lm in models.items():
         spec = lm.card.input
@@ -317,6 +317,8 @@ def table(res: dict[str, Any], batch: int) -> str:
         f"({100 * pipe['ratio_overlapped']:.0f}% of model-only) |",
         f"| CXR decode → preprocess → infer, serial | {pipe['pipeline_serial_img_s']:.1f} img/s |",
         f"| one 300-slice CT series scored end to end | {pipe['ct_series_s']:.2f} s |",
+        "",
+        *(f"- `precision = auto` for {k}: {v}" for k, v in res.get("auto_precision", {}).items()),
     ]
     return "\n".join(lines)
 

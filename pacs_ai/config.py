@@ -334,7 +334,8 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 class InferenceSettings(_Section):
     # "auto": the first CUDA GPU if one is usable, else the CPU; or "cpu", "cuda", "cuda:N".
     device: str = "auto"
-    # "auto": mixed precision (bf16, else fp16) on a GPU, fp32 on the CPU; or force one.
+    # "auto": mixed precision (bf16, else fp16) on a GPU; on the CPU bf16 when it has native
+    # bf16 and the measured difference is within bf16_tolerance, else fp32; or force one.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # Images per forward pass; images of several series are batched together.
     batch_size: Annotated[int, Field(ge=1, le=1024)] = 16
@@ -350,6 +351,10 @@ class InferenceSettings(_Section):
     # reports.path) and monitored, nothing is delivered to the PACS (validate before go-live).
     cxr_mode: Literal["active", "shadow"] = "active"
     ct_mode: Literal["active", "shadow"] = "active"
+    # precision "auto" on a CPU with native bf16 runs bf16 only while the largest bf16 vs
+    # fp32 probability difference (measured at load on reference phantoms, and the model
+    # card's precision_check if any) stays within this; else fp32.
+    bf16_tolerance: Annotated[float, Field(gt=0, le=1)] = 0.01
 
     @field_validator("device")
     @classmethod

@@ -128,6 +128,7 @@ class ModelProvider:
                     device=inf.device,
                     batch_size=inf.batch_size,
                     precision=inf.precision,
+                    bf16_tolerance=inf.bf16_tolerance,
                 )
                 card = self._models[key].card
                 log.debug(  # `serve` logs each model in its start-up summary
@@ -143,7 +144,9 @@ class ModelProvider:
         """Load model ``key`` now if needed; what the start-up summary says of it."""
         m = self.get(key)
         c = m.card
-        return ModelSummary(key, c.name, c.version, c.demo, str(m.device), m.precision)
+        return ModelSummary(
+            key, c.name, c.version, c.demo, str(m.device), m.precision, m.precision_reason
+        )
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,7 @@ class ModelSummary:
     demo: bool
     device: str
     precision: str
+    precision_reason: str = ""  # why, for precision "auto" (pacs_ai.inference.precision)
 
 
 def analyse_study(

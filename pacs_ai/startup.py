@@ -203,9 +203,10 @@ def summary_lines(
     if models:
         for m in models:
             demo = "DEMO, not for clinical use" if m.demo else "not a demo"
+            why = f" ({m.precision_reason})" if m.precision_reason else ""
             lines.append(
                 f"model {m.key}: {m.name} {m.version} ({demo}), "
-                f"device {m.device}, precision {m.precision}"
+                f"device {m.device}, precision {m.precision}{why}"
             )
     else:
         lines.append("models: none loaded here (pipeline.enabled = false: run `pacs-ai worker`)")

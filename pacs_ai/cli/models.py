@@ -234,6 +234,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         )
         for line in summary_lines(report):
             print(line)
+        check = report["precision_check"]
+        print(
+            f"precision {report['precision']}; bf16 vs fp32 max |dp| "
+            f"{check['bf16_max_abs_diff']:.4f} on {check['n']} images "
+            f"(tolerance {check['tolerance']:g})"
+        )
     return 0
 
 

@@ -43,6 +43,11 @@ from pacs_ai.inference.card import (
     load_card,
 )
 from pacs_ai.inference.ood import OodDensity, refusal_reason
+from pacs_ai.inference.precision import (
+    DEFAULT_BF16_TOLERANCE,
+    PrecisionChoice,
+    auto_cpu_precision,
+)
 
 log = logging.getLogger(__name__)
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -101,6 +106,8 @@ def select_device(device: str = "auto") -> torch.device:
 
 
 def _autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | None:
+    """The configured autocast type; ``auto`` on the CPU is fp32 here and is decided by
+    :func:`pacs_ai.inference.precision.auto_cpu_precision` once the model is loaded."""
     if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
         return None
     if precision == "fp16":
@@ -178,6 +185,8 @@ class LoadedModel:
         self._torch_device = device
         self.device = str(device)
         self._autocast = _autocast_dtype(device, precision)
+        # why this precision (start-up summary); empty when configured explicitly
+        self.precision_reason = "auto: mixed precision on CUDA" if precision == "auto" else ""
         self._model = model.to(device).to(memory_format=torch.channels_last).eval()
         self._finding_idx = [card.classes.index(f.label) for f in card.findings]
         self._lock = threading.Lock()  # one scoring call at a time per model
@@ -200,13 +209,30 @@ class LoadedModel:
         s, c = self.card.input.size, self.card.input.channels
         self.predict(np.zeros((1, c, s, s), dtype=np.float32))
 
-    def _forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def use_precision(self, choice: PrecisionChoice) -> None:
+        """Run from now on with ``choice`` (before the model is shared between threads)."""
+        self._autocast = choice.autocast
+        self.precision_reason = choice.reason
+
+    def predict_as(self, inputs: np.ndarray, autocast: torch.dtype | None) -> np.ndarray:
+        """Probabilities (N, K) computed with ``autocast`` (None: fp32), whatever the
+        configured precision: the bf16 vs fp32 comparison."""
+        out = [
+            self._forward(np.ascontiguousarray(inputs[i : i + self.batch_size]), autocast)[0]
+            for i in range(0, len(inputs), self.batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, len(self.card.classes)))
+
+    def _forward(
+        self, batch: np.ndarray, autocast: torch.dtype | Literal["configured"] | None = "configured"
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated probabilities (N, K) and penultimate features (N, D) in float64."""
+        dtype = self._autocast if autocast == "configured" else autocast
         x = torch.from_numpy(batch).to(self._torch_device, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last)
         ctx = (
-            torch.autocast(self._torch_device.type, dtype=self._autocast)
-            if self._autocast is not None
+            torch.autocast(self._torch_device.type, dtype=dtype)
+            if dtype is not None
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), ctx:
@@ -385,6 +411,7 @@ def load_model(
     precision: Precision = "auto",
     warmup: bool = True,
     require_deployable: bool = True,
+    bf16_tolerance: float = DEFAULT_BF16_TOLERANCE,
 ) -> LoadedModel:
     """Load a model directory (``card.json`` + weights, or + a TorchScript / ``torch.export``
     program: :mod:`pacs_ai.inference.program`), offline.
@@ -393,6 +420,8 @@ def load_model(
     (predictions collapse to one class, AUC not above baseline, no validation metrics) and
     :class:`~pacs_ai.errors.ModelError` when the directory or weights cannot be used.
     ``require_deployable=False`` skips the refusal (``pacs-ai evaluate`` of any model).
+    ``precision="auto"`` on the CPU compares bf16 with fp32 here (it warms the model up
+    too); see :mod:`pacs_ai.inference.precision`.
     """
     model_dir = Path(model_dir)
     card = load_card(model_dir)
@@ -414,7 +443,19 @@ def load_model(
     loaded = LoadedModel(card, model, select_device(device), batch_size, precision)
     if card.ood is not None:
         loaded.ood = OodDensity.load(model_dir, card.ood)
-    if warmup:
+    if precision == "auto" and loaded.device == "cpu" and not warmup:
+        loaded.use_precision(PrecisionChoice(None, "auto: bf16 not measured (no warm-up)"))
+    elif precision == "auto" and loaded.device == "cpu":
+        loaded.use_precision(
+            auto_cpu_precision(
+                loaded.predict_as,
+                card.input,
+                card.input.channels,
+                bf16_tolerance,
+                card.metrics.get("precision_check"),
+            )
+        )
+    elif warmup:
         loaded.warm_up()
     log.debug("model %s %s loaded on %s", card.name, card.version, loaded.device)
     return loaded

@@ -15,11 +15,12 @@ a separate test folder is given), write ``card.json``, ``model.safetensors``,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +37,7 @@ from pacs_ai.inference.aggregate import aggregate
 from pacs_ai.inference.architectures import Classifier
 from pacs_ai.inference.card import ModelCard, deployment_problems, findings_for
 from pacs_ai.inference.ood import DEFAULT_QUANTILE
+from pacs_ai.inference.precision import DEFAULT_BF16_TOLERANCE, precision_check
 from pacs_ai.inference.runner import build_from_card, save_weights, select_device
 from pacs_ai.training.augment import augment
 from pacs_ai.training.datasets import (
@@ -130,6 +132,28 @@ def _logits(
     logits = np.concatenate(out)
     sizes = np.cumsum([len(u) for u in units])[:-1]
     return list(np.split(logits, sizes))
+
+
+def _image_probs(
+    model: Classifier, device: torch.device, temperature: float
+) -> Callable[[np.ndarray, torch.dtype | None], np.ndarray]:
+    """Calibrated probabilities per model input, with an autocast type (None: fp32)."""
+
+    def run(inputs: np.ndarray, autocast: torch.dtype | None) -> np.ndarray:
+        out = []
+        for i in range(0, len(inputs), 64):
+            x = torch.from_numpy(inputs[i : i + 64]).to(device)
+            ctx = (
+                torch.autocast(device.type, dtype=autocast)
+                if autocast is not None
+                else contextlib.nullcontext()
+            )
+            with torch.inference_mode(), ctx:
+                logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+                out.append(torch.softmax(logits / temperature, dim=1).cpu().numpy())
+        return np.concatenate(out).astype(np.float64)
+
+    return run
 
 
 def _unit_probs(
@@ -307,6 +331,17 @@ def train(data_dir: Path, out_dir: Path, opts: TrainOptions) -> ModelCard:
         )
         metrics["test"] = classification_report(test.labels, test_probs, classes, thresholds)
         metrics["test_note"] = f"independent folder {opts.test_dir.name}, not used in training"
+    check_inputs = test.inputs if test is not None else val_inputs
+    metrics["precision_check"] = {
+        **precision_check(
+            _image_probs(model, device, temperature),
+            np.concatenate(
+                [check_inputs] if isinstance(check_inputs, np.ndarray) else check_inputs
+            ).astype(np.float32),
+            DEFAULT_BF16_TOLERANCE,
+        ),
+        "data": "test" if test is not None else "validation",
+    }
     problems = deployment_problems(metrics["validation"], classes)
 
     def forward(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
