@@ -344,6 +344,8 @@ class Retention:
                 if not rows:
                     continue
                 paths = [p for p in (self._in(self._reports_root, r.path) for r in rows) if p]
+                # A summary image's PNG (reports.objects "png") sits beside it with its stem.
+                paths += [p.with_suffix(".png") for p in paths if p.with_suffix(".png").exists()]
                 nbytes = sum(_file_size(p) for p in paths)
                 if not dry_run:
                     for p in paths:

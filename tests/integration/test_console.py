@@ -102,8 +102,14 @@ class Page:
         return list(self.d.find_elements(By.CSS_SELECTOR, selector))  # type: ignore[attr-defined]
 
     def text(self) -> str:
-        """The visible text, lower-cased (some labels are upper-cased by CSS)."""
-        return str(self.css("body")[0].text).lower()  # type: ignore[attr-defined]
+        """The visible text, lower-cased (some labels are upper-cased by CSS); "" while the
+        page is being replaced (a form post's redirect), so polling callers just poll again."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        try:
+            return str(self.css("body")[0].text).lower()  # type: ignore[attr-defined]
+        except (StaleElementReferenceException, IndexError):
+            return ""
 
     def html(self) -> str:
         return str(self.d.page_source)  # type: ignore[attr-defined]
@@ -347,8 +353,11 @@ def test_console_in_a_real_browser(
 
 def _cstore_successes() -> float:
     return next(
-        s.value
-        for m in CSTORE_SECONDS.collect()
-        for s in m.samples
-        if s.name.endswith("_count") and s.labels == {"outcome": "success"}
+        (
+            s.value
+            for m in CSTORE_SECONDS.collect()
+            for s in m.samples
+            if s.name.endswith("_count") and s.labels == {"outcome": "success"}
+        ),
+        0.0,  # no successful C-STORE in this process yet
     )

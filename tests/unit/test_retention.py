@@ -533,3 +533,17 @@ def test_config_is_validated(tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError, match=key):
             settings_from_dict({"retention": bad}, base=tmp_path)
+
+
+def test_a_summary_png_goes_with_its_report(tmp_path: Path, sqlite_url: str) -> None:
+    env = Env(tmp_path, sqlite_url, objects_days=1000, failed_objects_days=1000, reports_days=7)
+    sid = env.study(S.DELIVERED, 8, deliveries=(D.DELIVERED,))
+    with env.engine.connect() as conn:
+        rel = conn.scalar(select(Report.path).where(Report.study_id == sid))
+    png = (env.reports / str(rel)).with_suffix(".png")  # as reporting.output writes it
+    png.write_bytes(b"P" * 300)
+    report = env.retention().run()
+    assert (report.reports.files, report.reports.bytes) == (1, 800)  # one report row, two files
+    assert not png.exists() and not (env.reports / str(rel)).exists()
+    assert env.events("reports_purged") == [(sid, {"reports": 1, "bytes": 800})]
+    env.engine.dispose()
