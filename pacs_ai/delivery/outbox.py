@@ -122,20 +122,7 @@ class Outbox:
                 )
                 if exists is not None:
                     continue
-                conn.execute(
-                    insert(Delivery).values(
-                        report_id=report_id,
-                        study_id=study_id,
-                        destination=dest.name,
-                        ae_title=ae,
-                        host=host,
-                        port=port,
-                        state=DeliveryState.PENDING,
-                        attempts=0,
-                        next_attempt_at=now,
-                        created_at=now,
-                    )
-                )
+                _insert_delivery(conn, report_id, study_id, dest.name, (ae, host, port), now)
                 created += 1
         return created
 
@@ -392,19 +379,8 @@ class Outbox:
                         )
                     ).first()
                     if row is None:
-                        conn.execute(
-                            insert(Delivery).values(
-                                report_id=report_id,
-                                study_id=study_id,
-                                destination=dest.name,
-                                ae_title=ae,
-                                host=host,
-                                port=port,
-                                state=DeliveryState.PENDING,
-                                attempts=0,
-                                next_attempt_at=now,
-                                created_at=now,
-                            )
+                        _insert_delivery(
+                            conn, report_id, study_id, dest.name, (ae, host, port), now
                         )
                         out.queued += 1
                         continue
@@ -453,6 +429,32 @@ class Outbox:
             )
         out.reports = len(reports)
         return out
+
+
+def _insert_delivery(
+    conn: Connection,
+    report_id: int,
+    study_id: int,
+    destination: str,
+    target: tuple[str, str, int],
+    now: dt.datetime,
+) -> None:
+    """A new outbox row for one report object to one destination, due now."""
+    ae, host, port = target
+    conn.execute(
+        insert(Delivery).values(
+            report_id=report_id,
+            study_id=study_id,
+            destination=destination,
+            ae_title=ae,
+            host=host,
+            port=port,
+            state=DeliveryState.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+    )
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pacs_ai.errors import ModelError
+from pacs_ai.inference.card_files import read_card_file
 
 OOD_FILE = "ood.safetensors"
 METHOD = "mahalanobis_shared_covariance"
@@ -111,12 +112,7 @@ class OodDensity:
     @classmethod
     def load(cls, model_dir: Path, spec: OodSpec) -> OodDensity:
         path = model_dir / spec.file
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ModelError(f"the model card names {spec.file} but it cannot be read") from exc
-        if spec.sha256 and hashlib.sha256(data).hexdigest() != spec.sha256:
-            raise ModelError(f"{spec.file} does not match the sha256 in the model card")
+        read_card_file(model_dir, spec.file, spec.sha256)
         try:
             tensors = load_file(str(path))
             return cls(tensors["means"].double().numpy(), tensors["precision"].double().numpy())

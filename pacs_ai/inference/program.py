@@ -9,7 +9,6 @@ such models report without a heatmap.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch import nn
 from pacs_ai.errors import ModelError
 from pacs_ai.inference.architectures import Classifier
 from pacs_ai.inference.card import ModelCard
+from pacs_ai.inference.card_files import read_card_file
 from pacs_ai.inference.card_schema import ProgramSchema
 
 
@@ -76,12 +76,7 @@ class ProgramClassifier(Classifier):
 def load_program(model_dir: Path, card: ModelCard) -> ProgramClassifier:
     spec = ProgramSchema.model_validate(card.program)
     path = model_dir / spec.file
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ModelError(f"the model card names {spec.file} but it cannot be read") from exc
-    if spec.sha256 and hashlib.sha256(data).hexdigest() != spec.sha256:
-        raise ModelError(f"{spec.file} does not match the sha256 in the model card")
+    read_card_file(model_dir, spec.file, spec.sha256)
     try:
         if card.format == "torchscript":
             program: nn.Module = torch.jit.load(str(path), map_location="cpu")
