@@ -235,6 +235,15 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def print_rows(rows: Sequence[dict[str, Any]], fmt: str) -> None:
+    """``json``: the rows as a JSON list; otherwise a table that fits the terminal."""
+    if fmt == "json":
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+    else:
+        print(format_table(rows))
+
+
 def format_table(
     rows: Sequence[dict[str, Any]],
     wide: bool = False,

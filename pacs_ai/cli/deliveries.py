@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from sqlalchemy import select
 
 from pacs_ai.cli import add_config_arg
-from pacs_ai.cli.audit import format_table
+from pacs_ai.cli.audit import print_rows
 from pacs_ai.cli.studies import admin_actor
 from pacs_ai.config import load_settings
 from pacs_ai.db import audit
@@ -46,11 +45,7 @@ def _list(args: argparse.Namespace) -> int:
         rows = audit.deliveries(engine, args.state, args.study, args.limit)
     finally:
         engine.dispose()
-    if args.format == "json":
-        json.dump(rows, sys.stdout, indent=2)
-        print()
-    else:
-        print(format_table(rows))
+    print_rows(rows, args.format)
     return 0
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import sys
 
 from pacs_ai.cli import add_config_arg
-from pacs_ai.cli.audit import format_table
+from pacs_ai.cli.audit import print_rows
 from pacs_ai.config import load_settings
 from pacs_ai.db.models import UserRole
 from pacs_ai.db.session import make_engine
@@ -69,11 +68,7 @@ def _list(args: argparse.Namespace) -> int:
         rows = list_users(engine)
     finally:
         engine.dispose()
-    if args.format == "json":
-        json.dump(rows, sys.stdout, indent=2)
-        print()
-    else:
-        print(format_table(rows))
+    print_rows(rows, args.format)
     return 0
 
 
