@@ -9,9 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pacs_ai import __version__
 from pacs_ai.errors import ConfigError, PacsAiError, StartupError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from pacs_ai.config import Settings
 
 # Sub-modules registering commands, in the order --help lists them.
 _COMMAND_MODULES = (
@@ -75,3 +81,14 @@ def add_config_arg(p: argparse.ArgumentParser) -> None:
         help="config.toml to use (default: $PACS_AI_CONFIG, else a source checkout's "
         "config.toml; PACS_AI_<SECTION>__<KEY> variables override single keys)",
     )
+
+
+def admin_engine(settings: Settings) -> Engine:
+    """The database engine for an admin command, after the same check ``serve`` makes: a
+    missing SQLite file or an out-of-date schema exits 3 with the ``db upgrade`` hint
+    instead of a traceback (and no empty SQLite file is left behind)."""
+    from pacs_ai.db.session import make_engine
+    from pacs_ai.startup import check_database
+
+    check_database(settings)
+    return make_engine(settings.database)

@@ -12,11 +12,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pacs_ai.cli import add_config_arg
+from pacs_ai.cli import add_config_arg, admin_engine
 from pacs_ai.config import load_settings
 from pacs_ai.db import audit
 from pacs_ai.db.lookup import find_study
-from pacs_ai.db.session import make_engine
 from pacs_ai.errors import AmbiguousStudy, StudyNotFound
 
 _WHAT = {
@@ -96,7 +95,7 @@ def _add_wide_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _query(args: argparse.Namespace) -> list[dict[str, Any]]:
-    engine = make_engine(load_settings(args.config).database)
+    engine = admin_engine(load_settings(args.config))
     try:
         if args.audit_what == "associations":
             return audit.associations(engine, args.since, args.ae, args.limit)
@@ -120,7 +119,7 @@ def _models(args: argparse.Namespace) -> int:
         # a model that cannot be read has no validation reference to show
         with contextlib.suppress(PacsAiError):
             cards.append(load_card(resolve_model_dir(source)))
-    engine = make_engine(settings.database)
+    engine = admin_engine(settings)
     try:
         args.rows = monitoring.summary(engine, cards, settings.monitoring.window)
     finally:
@@ -171,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    engine = make_engine(load_settings(args.config).database)
+    engine = admin_engine(load_settings(args.config))
     try:
         with engine.connect() as conn:
             uid = find_study(conn, args.study_ref).study_uid

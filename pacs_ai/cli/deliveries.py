@@ -7,13 +7,12 @@ import sys
 
 from sqlalchemy import select
 
-from pacs_ai.cli import add_config_arg
+from pacs_ai.cli import add_config_arg, admin_engine
 from pacs_ai.cli.audit import print_rows
 from pacs_ai.cli.studies import admin_actor
 from pacs_ai.config import load_settings
 from pacs_ai.db import audit
 from pacs_ai.db.models import Delivery, DeliveryState
-from pacs_ai.db.session import make_engine
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -40,7 +39,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    engine = make_engine(load_settings(args.config).database)
+    engine = admin_engine(load_settings(args.config))
     try:
         rows = audit.deliveries(engine, args.state, args.study, args.limit)
     finally:
@@ -56,7 +55,7 @@ def _retry(args: argparse.Namespace) -> int:
         print("pacs-ai deliveries retry: give delivery ids or --all-dead", file=sys.stderr)
         return 2
     settings = load_settings(args.config)
-    engine = make_engine(settings.database)
+    engine = admin_engine(settings)
     try:
         before: dict[int, DeliveryState] = {}
         if args.ids:

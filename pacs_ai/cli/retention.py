@@ -7,10 +7,9 @@ import dataclasses
 import json
 import sys
 
-from pacs_ai.cli import add_config_arg
+from pacs_ai.cli import add_config_arg, admin_engine
 from pacs_ai.cli.audit import format_table
 from pacs_ai.config import load_settings
-from pacs_ai.db.session import make_engine
 from pacs_ai.storage.retention import Retention
 
 
@@ -34,7 +33,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    engine = make_engine(settings.database)
+    engine = admin_engine(settings)
     try:
         report = Retention(engine, settings).run(dry_run=args.dry_run)
     finally:

@@ -10,10 +10,9 @@ import argparse
 import getpass
 import sys
 
-from pacs_ai.cli import add_config_arg
+from pacs_ai.cli import add_config_arg, admin_engine
 from pacs_ai.config import load_settings
 from pacs_ai.db.lookup import find_study
-from pacs_ai.db.session import make_engine
 from pacs_ai.errors import AmbiguousStudy, PacsAiError, StudyNotFound
 
 _STUDY_HELP = "database id, Study Instance UID, or a unique prefix of the UID"
@@ -63,7 +62,7 @@ def _rerun(args: argparse.Namespace) -> int:
     from pacs_ai.studies import rerun_study
 
     settings = load_settings(args.config)
-    engine = make_engine(settings.database)
+    engine = admin_engine(settings)
     try:
         before = rerun_study(engine, args.study, admin_actor())
     except PacsAiError as exc:
@@ -93,7 +92,7 @@ def _redeliver(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    engine = make_engine(settings.database)
+    engine = admin_engine(settings)
     try:
         with engine.connect() as conn:
             study = find_study(conn, args.study)

@@ -7,11 +7,10 @@ import argparse
 import getpass
 import sys
 
-from pacs_ai.cli import add_config_arg
+from pacs_ai.cli import add_config_arg, admin_engine
 from pacs_ai.cli.audit import print_rows
 from pacs_ai.config import load_settings
 from pacs_ai.db.models import UserRole
-from pacs_ai.db.session import make_engine
 from pacs_ai.errors import ConfigError
 
 
@@ -51,7 +50,7 @@ def _read_password() -> str:
 def _add(args: argparse.Namespace) -> int:
     from pacs_ai.web.users import add_user
 
-    engine = make_engine(load_settings(args.config).database)
+    engine = admin_engine(load_settings(args.config))
     try:
         add_user(engine, args.name, UserRole(args.role), _read_password())
     finally:
@@ -63,7 +62,7 @@ def _add(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from pacs_ai.web.users import list_users
 
-    engine = make_engine(load_settings(args.config).database)
+    engine = admin_engine(load_settings(args.config))
     try:
         rows = list_users(engine)
     finally:
@@ -75,7 +74,7 @@ def _list(args: argparse.Namespace) -> int:
 def _remove(args: argparse.Namespace) -> int:
     from pacs_ai.web.users import remove_user
 
-    engine = make_engine(load_settings(args.config).database)
+    engine = admin_engine(load_settings(args.config))
     try:
         removed = remove_user(engine, args.name)
     finally:

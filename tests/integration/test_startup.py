@@ -28,7 +28,7 @@ def _run(command: str, settings: Settings, cfg: Path) -> subprocess.CompletedPro
     write_config(settings, cfg)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_")}
     return subprocess.run(
-        [sys.executable, "-m", "pacs_ai", command, "--config", str(cfg)],
+        [sys.executable, "-m", "pacs_ai", *command.split(), "--config", str(cfg)],
         capture_output=True,
         text=True,
         timeout=180,
@@ -48,7 +48,10 @@ def _settings(tmp_path: Path, db_url: str, **sections: Any) -> Settings:
     return make_settings(tmp_path, db_url, **sections)
 
 
-@pytest.mark.parametrize("command", ["serve", "worker"])
+@pytest.mark.parametrize(
+    "command",
+    ["serve", "worker", "deliveries list", "user list", "audit studies", "retention run --dry-run"],
+)
 def test_out_of_date_schema_refused_and_no_database_created(tmp_path: Path, command: str) -> None:
     db = tmp_path / "db" / "pacs-ai.db"
     settings = _settings(tmp_path, f"sqlite:///{db}")
