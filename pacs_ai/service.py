@@ -213,10 +213,11 @@ class Service:
         if self.pipelines:
             # Attempts whose worker died (no heartbeat for pipeline.stalled_seconds) count as
             # failed attempts and are retried (a crash loop ends "failed"). With SQLite one
-            # process runs the pipeline, so at start anything still running was ours.
+            # process runs the pipeline (`all` or `pacs-ai worker`), so at start anything
+            # still running was ours; `--role worker` processes may be several, so they wait.
             stalled = self.settings.pipeline.stalled_seconds
             ledger = self.pipelines[0].ledger
-            single = self.engine.dialect.name == "sqlite"
+            single = self.engine.dialect.name == "sqlite" and self.parts.role != "worker"
             ledger.recover_stale(dt.timedelta(seconds=0 if single else stalled))
             self.scheduler.every(
                 STALE_JOB,

@@ -6,15 +6,20 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from pacs_ai.config import DatabaseSettings
+from pacs_ai.config import DatabaseSettings, PipelineSettings, Settings
 from pacs_ai.db.models import Job, JobState, Study, StudyState
 from pacs_ai.db.session import make_engine, upgrade
 from pacs_ai.jobs import Claim, JobLedger, finish_job
+from pacs_ai.service import components, pipeline_slots
+from tests.conftest import make_settings
 from tests.unit.test_jobs import Clock, _ready_study, _state
 
 INTERRUPTED = "interrupted: the worker stopped during the job"
@@ -127,3 +132,50 @@ def test_one_running_and_one_succeeded_attempt_per_revision(engine: Engine) -> N
     with engine.connect() as c:
         assert c.scalar(select(func.count()).select_from(Job)) == 4
         assert c.scalar(select(Study.state)) == StudyState.READY
+
+
+def _settings(tmp_path: Path, **sections: Any) -> Settings:
+    return make_settings(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", **sections)
+
+
+def test_roles_choose_what_runs(tmp_path: Path) -> None:
+    dest = [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}]
+    s = _settings(tmp_path, pipeline={"enabled": True}, http={"enabled": True}, destinations=dest)
+    got = {
+        role: (c.listener, c.pipeline, c.sender, c.http)
+        for role in ("all", "gateway", "worker", "sender")
+        for c in [components(s, role)]  # type: ignore[arg-type]
+    }
+    assert got == {
+        "all": (True, True, True, True),
+        "gateway": (True, False, False, True),
+        "worker": (False, True, False, False),
+        "sender": (False, False, True, False),
+    }
+    assert components(s, None) == components(s, "all")  # service.role defaults to all
+    legacy = components(s, None, listener=False)  # `pacs-ai worker`: pipeline and outbox
+    assert (legacy.listener, legacy.pipeline, legacy.sender) == (False, True, True)
+    quiet = _settings(tmp_path, service={"role": "worker"})
+    assert components(quiet, None).role == "worker"
+    assert components(quiet, "gateway").role == "gateway"  # --role wins
+    assert components(s, "worker").describe() == "role worker: runs pipeline worker"
+
+
+def test_pipeline_slots_one_per_visible_gpu_else_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = _settings(tmp_path, pipeline={"workers": 3})
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert pipeline_slots(s) == [{}, {}, {}]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0, 2")
+    assert pipeline_slots(s) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "2"}]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # no GPU visible
+    assert pipeline_slots(s) == [{}, {}, {}]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    cpu = _settings(tmp_path, pipeline={"workers": 2}, inference={"device": "cpu"})
+    assert pipeline_slots(cpu) == [{}, {}]
+
+
+def test_stalled_must_outlast_two_heartbeats(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="twice heartbeat_seconds"):
+        PipelineSettings(heartbeat_seconds=10, stalled_seconds=15)
