@@ -144,7 +144,7 @@ def test_roles_choose_what_runs(tmp_path: Path) -> None:
     got = {
         role: (c.listener, c.pipeline, c.sender, c.http)
         for role in ("all", "gateway", "worker", "sender")
-        for c in [components(s, role)]  # type: ignore[arg-type]
+        for c in [components(s, role)]
     }
     assert got == {
         "all": (True, True, True, True),
