@@ -222,12 +222,13 @@ class PipelineSettings(_Section):
     # Pipeline slots of a worker on CPU (each its own scoring child, one study at a time).
     # With CUDA_VISIBLE_DEVICES set, a worker runs one slot per visible GPU instead.
     workers: Annotated[int, Field(ge=1, le=64)] = 1
-    # A running attempt refreshes its heartbeat this often (in the jobs row).
-    heartbeat_seconds: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    # A running attempt refreshes its heartbeat this often (in the jobs row); every worker
+    # also looks for stalled attempts this often.
+    heartbeat_seconds: Annotated[float, Field(gt=0, le=3600)] = 5.0
     # An attempt whose heartbeat is older than this belongs to a worker that died (kill -9,
     # machine lost, network cut): it counts as a failed attempt and the study is retried by
     # another worker after its retry delay. Its late result, if it comes back, is refused.
-    stalled_seconds: Annotated[float, Field(gt=0, le=86400)] = 45.0
+    stalled_seconds: Annotated[float, Field(gt=0, le=86400)] = 30.0
     # Address-space limit (RLIMIT_AS) of the scoring worker process that decodes and runs the
     # models, in MiB; 0 = none. torch alone reserves about 4 GiB of address space. Not applied
     # when a CUDA device may be used (the driver reserves address space beyond real use).

@@ -221,7 +221,7 @@ class Service:
             ledger.recover_stale(dt.timedelta(seconds=0 if single else stalled))
             self.scheduler.every(
                 STALE_JOB,
-                stalled / 4,
+                self.settings.pipeline.heartbeat_seconds,
                 lambda: ledger.recover_stale(dt.timedelta(seconds=stalled)),
             )
             for p in self.pipelines:
