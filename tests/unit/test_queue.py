@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from pacs_ai.config import DatabaseSettings, PipelineSettings, Settings
@@ -179,3 +179,23 @@ def test_pipeline_slots_one_per_visible_gpu_else_workers(
 def test_stalled_must_outlast_two_heartbeats(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="twice heartbeat_seconds"):
         PipelineSettings(heartbeat_seconds=10, stalled_seconds=15)
+
+
+def test_upgrade_stops_on_two_results_for_one_revision(db_url: str) -> None:
+    engine = make_engine(DatabaseSettings(url=db_url))
+    try:
+        upgrade(engine, "honesty")
+        clock = Clock()
+        study = _ready_study(engine, clock)
+        with engine.begin() as c:
+            for attempt in (1, 2):  # possible before fencing, after a lease expired
+                c.execute(insert(Job).values(_job_row(study, attempt, JobState.SUCCEEDED)))
+        with pytest.raises(RuntimeError, match="1 study revision\\(s\\) have more than one"):
+            upgrade(engine)
+        with engine.begin() as c:  # what the message says to do
+            c.execute(update(Job).where(Job.attempt == 2).values(state=JobState.FAILED))
+        upgrade(engine)
+        with engine.connect() as c:
+            assert c.scalar(select(func.count()).select_from(Job)) == 2
+    finally:
+        engine.dispose()

@@ -20,14 +20,31 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    # Partial unique indexes (PostgreSQL and SQLite both have them) below. Claims were already
+    # exclusive, but before fencing a worker whose lease had expired could record a second
+    # result without a report (not applicable) for a study revision. Such rows are audit
+    # history and are not rewritten here: the upgrade stops first (SQLite DDL is not rolled
+    # back) and says how to find them.
+    states = (("uq_jobs_one_running", "running"), ("uq_jobs_one_succeeded", "succeeded"))
+    for _name, state in states:
+        dup = op.get_bind().execute(
+            sa.text(
+                "SELECT count(*) FROM (SELECT study_id, study_revision FROM jobs "
+                f"WHERE state = '{state}' GROUP BY study_id, study_revision "
+                "HAVING count(*) > 1) AS d"
+            )
+        ).scalar()
+        if dup:
+            raise RuntimeError(
+                f"{dup} study revision(s) have more than one {state} job; list them with "
+                f"SELECT study_id, study_revision, id FROM jobs WHERE state = '{state}' and "
+                "mark all but the first 'failed' before upgrading"
+            )
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.add_column(
             sa.Column("heartbeat_at", pacs_ai.db.models.UTCDateTime(timezone=True), nullable=True)
         )
-    # Partial unique indexes (PostgreSQL and SQLite both have them). An attempt left running
-    # by an older version beside another running one of the same revision would block the
-    # index: such duplicates cannot exist (claims were already exclusive), so none is fixed up.
-    for name, state in (("uq_jobs_one_running", "running"), ("uq_jobs_one_succeeded", "succeeded")):
+    for name, state in states:
         op.create_index(
             name,
             "jobs",
