@@ -46,6 +46,7 @@ ASSEMBLY_JOB = "assembly-sweep"
 DELIVERY_JOB = "delivery"
 STALE_JOB = "stale-jobs"
 RETENTION_JOB = "retention"
+ROLES_APART = ("gateway", "worker", "sender")
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,8 @@ class Service:
             log.info("%s", line)
         if self.http is not None:
             self._announce_console()
+        if self.engine.dialect.name == "sqlite" and self.parts.role in ROLES_APART:
+            log.warning("role %s on SQLite: every role must run on this machine", self.parts.role)
         startup.notify_systemd("READY=1")
 
     def _start_gateway_extras(self) -> None:
