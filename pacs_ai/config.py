@@ -219,9 +219,16 @@ class PipelineSettings(_Section):
     # A failing job (model error, out of memory) is retried after these delays, then
     # dead-lettered (study state "failed").
     retry_seconds: tuple[PositiveSeconds, ...] = (10.0, 60.0, 300.0)
-    # PostgreSQL with several workers: a job running longer than this is assumed to belong to
-    # a worker that died, and its study is re-queued. (SQLite: one worker; re-queued at start.)
-    lease_seconds: Annotated[float, Field(ge=60, le=86400)] = 600.0
+    # Pipeline slots of a worker on CPU (each its own scoring child, one study at a time).
+    # With CUDA_VISIBLE_DEVICES set, a worker runs one slot per visible GPU instead.
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    # A running attempt refreshes its heartbeat this often (in the jobs row); every worker
+    # also looks for stalled attempts this often.
+    heartbeat_seconds: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    # An attempt whose heartbeat is older than this belongs to a worker that died (kill -9,
+    # machine lost, network cut): it counts as a failed attempt and the study is retried by
+    # another worker after its retry delay. Its late result, if it comes back, is refused.
+    stalled_seconds: Annotated[float, Field(gt=0, le=86400)] = 30.0
     # Address-space limit (RLIMIT_AS) of the scoring worker process that decodes and runs the
     # models, in MiB; 0 = none. torch alone reserves about 4 GiB of address space. Not applied
     # when a CUDA device may be used (the driver reserves address space beyond real use).
@@ -234,7 +241,20 @@ class PipelineSettings(_Section):
     def _room_for_torch(self) -> PipelineSettings:
         if 0 < self.worker_memory_mb < 4096:
             raise ValueError("worker_memory_mb must be 0 (no limit) or at least 4096")
+        if self.heartbeat_seconds * 2 > self.stalled_seconds:
+            raise ValueError("stalled_seconds must be at least twice heartbeat_seconds")
         return self
+
+
+Role = Literal["all", "gateway", "worker", "sender"]
+
+
+class ServiceSettings(_Section):
+    # What `pacs-ai serve` runs in this process (`--role` overrides): "all" (everything, one
+    # machine), "gateway" (DICOM listener, assembly, retention, console), "worker" (claims and
+    # scores studies only), "sender" (delivery outbox only). Several processes with different
+    # roles share one PostgreSQL database.
+    role: Role = "all"
 
 
 ObjectKind = Literal["sr", "summary", "text_sr"]
@@ -459,6 +479,7 @@ class Settings(_Section):
     database: DatabaseSettings = DatabaseSettings()
     assembly: AssemblySettings = AssemblySettings()
     routing: tuple[RoutingRule, ...] = Field(default_factory=_default_routing)
+    service: ServiceSettings = ServiceSettings()
     pipeline: PipelineSettings = PipelineSettings()
     reports: ReportsSettings = ReportsSettings()
     destinations: tuple[DestinationSettings, ...] = ()

@@ -1,13 +1,26 @@
-"""The job ledger: claim a ready study, and finish, fail or recover its job.
+"""The job ledger: claim a ready study, heartbeat, and finish, fail or recover its job.
 
-An attempt is recorded (a ``jobs`` row, state ``running``) in the same transaction that
-claims the study, before any work starts, so an attempt that kills the worker, or the whole
-service, still counts: after a restart :meth:`JobLedger.recover_stale` fails the interrupted
-job like any other failure, and once ``pipeline.retry_seconds`` is used up the study is
-``failed`` (dead) instead of being claimed again forever.
+An attempt is recorded (a ``jobs`` row, state ``running``, with its attempt number) in the
+same transaction that claims the study, before any work starts, so an attempt that kills the
+worker, or the whole service, still counts: :meth:`JobLedger.recover_stale` fails the
+interrupted job like any other failure, and once ``pipeline.retry_seconds`` is used up the
+study is ``failed`` (dead) instead of being claimed again forever.
+
+Liveness: a running attempt refreshes ``jobs.heartbeat_at`` every
+``pipeline.heartbeat_seconds`` (:meth:`JobLedger.heartbeat`); one whose heartbeat is older
+than ``pipeline.stalled_seconds`` belongs to a worker that died and is taken back by the
+periodic sweep of any worker.
+
+Exactly-once results on at-least-once execution (fencing): :func:`finish_job` only moves a
+job that is still ``running``, and reports whether it did. The result commit
+(:func:`pacs_ai.results.record_results`) finishes the job first, in its own transaction, and
+rolls everything back when that matched no row (:class:`StaleAttempt`): an attempt that was
+declared dead and came back late commits nothing. Behind that, partial unique indexes allow
+one running and one succeeded attempt per study revision, and report UIDs are deterministic
+(one SR per study revision and model).
 
 Claims: PostgreSQL ``FOR UPDATE SKIP LOCKED``, so several workers on one database never take
-the same study; SQLite: an atomic conditional update (one worker).
+the same study; SQLite: an atomic conditional update.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ from sqlalchemy import Connection, Engine, and_, exists, func, insert, select, u
 
 from pacs_ai.db.events import write_audit
 from pacs_ai.db.models import Job, JobState, Study, StudyState, utcnow
+from pacs_ai.errors import PacsAiError
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +52,22 @@ class Claim:
     started: dt.datetime
 
 
+class StaleAttempt(PacsAiError):
+    """The attempt is no longer the running one (declared dead, finished elsewhere): its
+    result must not be committed."""
+
+
 def finish_job(
     conn: Connection, job_id: int, state: JobState, now: dt.datetime, **values: Any
-) -> None:
-    """The one place a job leaves ``running``."""
-    conn.execute(update(Job).where(Job.id == job_id).values(state=state, finished_at=now, **values))
+) -> bool:
+    """The one place a job leaves ``running``; False (nothing changed) when it was not
+    running any more: the caller's attempt is fenced out."""
+    done = conn.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING)
+        .values(state=state, finished_at=now, **values)
+    )
+    return done.rowcount == 1
 
 
 class JobLedger:
@@ -110,48 +135,62 @@ class JobLedger:
                     state=JobState.RUNNING,
                     claimed_by=self._worker_id,
                     started_at=now,
+                    heartbeat_at=now,
                 )
                 .returning(Job.id)
             ).scalar_one()
         return Claim(row.id, row.study_uid, row.revision, job_id, attempt, now)
 
     def fail(self, claim: Claim, reason: str) -> bool:
-        """Record a failed attempt; True when it was the last (job dead, study failed)."""
+        """Record a failed attempt; True when it was the last (job dead, study failed).
+        An attempt already fenced out (taken back as stalled) changes nothing."""
         now = self._clock()
         with self._engine.begin() as conn:
-            return self._fail(conn, claim, reason, now)
+            return bool(self._fail_attempt(conn, claim, reason, now))
+
+    def heartbeat(self, claim: Claim) -> bool:
+        """Refresh the attempt's heartbeat; False when it is not running any more (it was
+        declared dead: its result will be refused)."""
+        with self._engine.begin() as conn:
+            done = conn.execute(
+                update(Job)
+                .where(Job.id == claim.job_id, Job.state == JobState.RUNNING)
+                .values(heartbeat_at=self._clock())
+            )
+        return done.rowcount == 1
 
     def recover_stale(self, older_than: dt.timedelta) -> int:
         """Jobs left ``running`` by a worker that died count as failed attempts: the study is
         retried after its delay, or ``failed`` when the retries are used up.
 
-        With SQLite (one worker) the service calls this at start with no age limit; with
-        PostgreSQL only jobs running longer than ``pipeline.lease_seconds`` are taken back.
+        An attempt is stale when its heartbeat (or its start, before the first heartbeat) is
+        older than ``older_than``: ``pipeline.stalled_seconds`` for the periodic sweep; with
+        SQLite and one process the service also calls this at start with no age limit.
         """
         now = self._clock()
         with self._engine.begin() as conn:
+            seen = func.coalesce(Job.heartbeat_at, Job.started_at)
             stale = conn.execute(
                 select(Job.id, Job.study_id, Job.study_revision, Job.attempt, Job.started_at)
                 .join(Study, Study.id == Job.study_id)
-                .where(Job.state == JobState.RUNNING, Job.started_at <= now - older_than)
+                .where(Job.state == JobState.RUNNING, seen <= now - older_than)
                 .add_columns(Study.study_uid)
             ).all()
+            taken = 0
             for job_id, study_id, revision, attempt, started, study_uid in stale:
                 claim = Claim(study_id, study_uid, revision, job_id, attempt, started)
-                self._fail(conn, claim, "interrupted: the worker stopped during the job", now)
-        return len(stale)
+                reason = "interrupted: the worker stopped during the job"
+                if self._fail_attempt(conn, claim, reason, now) is not None:
+                    taken += 1
+        return taken
 
-    def _fail(self, conn: Connection, claim: Claim, reason: str, now: dt.datetime) -> bool:
+    def _fail_attempt(
+        self, conn: Connection, claim: Claim, reason: str, now: dt.datetime
+    ) -> bool | None:
+        """True: dead-lettered; False: will retry; None: not running any more (fenced)."""
         dead = claim.attempt > len(self._retries)
         retry_at = None if dead else now + dt.timedelta(seconds=self._retries[claim.attempt - 1])
-        log.error(
-            "study %d: attempt %d failed (%s)%s",
-            claim.study_id,
-            claim.attempt,
-            reason.partition(":")[0],
-            "; dead-lettered" if dead else "; will retry",
-        )
-        finish_job(
+        if not finish_job(
             conn,
             claim.job_id,
             JobState.DEAD if dead else JobState.FAILED,
@@ -159,6 +198,19 @@ class JobLedger:
             duration_ms=(now - claim.started).total_seconds() * 1000,
             error=reason,
             next_attempt_at=retry_at,
+        ):
+            log.warning(
+                "study %d: attempt %d is no longer running (stale attempt); nothing recorded",
+                claim.study_id,
+                claim.attempt,
+            )
+            return None
+        log.error(
+            "study %d: attempt %d failed (%s)%s",
+            claim.study_id,
+            claim.attempt,
+            reason.partition(":")[0],
+            "; dead-lettered" if dead else "; will retry",
         )
         conn.execute(
             update(Study)

@@ -37,7 +37,7 @@ from pacs_ai.db.models import Instance, Report, Series, utcnow
 from pacs_ai.delivery.outbox import Outbox
 from pacs_ai.errors import PacsAiError, safe_reason
 from pacs_ai.ingest.spool import Spool
-from pacs_ai.jobs import Claim, JobLedger
+from pacs_ai.jobs import Claim, JobLedger, StaleAttempt
 from pacs_ai.logs import uid_ref
 from pacs_ai.results import BuiltReport, record_results
 from pacs_ai.scoring import (
@@ -82,6 +82,7 @@ class Pipeline:
         on_reported: Callable[[], None] | None = None,
         clock: Callable[[], dt.datetime] = utcnow,
         worker_id: str | None = None,
+        name: str = "pipeline",
     ) -> None:
         self._engine = engine
         self._settings = settings
@@ -92,6 +93,7 @@ class Pipeline:
         self._spool = Spool(settings.storage.path, 0)
         self.worker_id = (worker_id or f"{socket.gethostname()}:{os.getpid()}")[:64]
         self.ledger = JobLedger(engine, settings.pipeline.retry_seconds, self.worker_id, clock)
+        self._name = name
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -104,7 +106,7 @@ class Pipeline:
 
     def start(self) -> None:
         self._scorer.start()
-        self._thread = threading.Thread(target=self._loop, name="pipeline", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
         self._thread.start()
 
     def wake(self, _study_ids: object = None) -> None:
@@ -136,7 +138,15 @@ class Pipeline:
             return False
         started = time.perf_counter()
         try:
-            self._process(claim)
+            with _Heartbeat(self.ledger, claim, self._settings.pipeline.heartbeat_seconds):
+                self._process(claim)
+        except StaleAttempt:
+            # Declared dead meanwhile (another worker took the study back): nothing committed.
+            log.warning(
+                "study %d: stale attempt %d refused at commit; no result recorded",
+                claim.study_id,
+                claim.attempt,
+            )
         except Exception as exc:
             if not isinstance(exc, PacsAiError):
                 log.error("study %d: unexpected %s", claim.study_id, type(exc).__name__)
@@ -288,3 +298,37 @@ class Pipeline:
         from pacs_ai.reporting import PriorReport
 
         return replace(req, predecessor=PriorReport(claim.study_uid, *prior))
+
+
+class _Heartbeat:
+    """While an attempt runs: refresh its heartbeat every ``interval`` seconds on a thread
+    (the scoring child may take minutes; the heartbeat says this worker is alive)."""
+
+    def __init__(self, ledger: JobLedger, claim: Claim, interval: float) -> None:
+        self._ledger, self._claim, self._interval = ledger, claim, interval
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        warned = False
+        while not self._done.wait(self._interval):
+            try:
+                alive = self._ledger.heartbeat(self._claim)
+            except Exception as exc:  # database away: try again; the sweep decides
+                log.warning("heartbeat failed (%s)", safe_reason(exc))
+                continue
+            if not alive and not warned:
+                warned = True
+                log.warning(
+                    "study %d: attempt %d was taken back as stalled; its result will be refused",
+                    self._claim.study_id,
+                    self._claim.attempt,
+                )

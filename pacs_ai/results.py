@@ -1,6 +1,8 @@
 """Result persistence: findings, report objects, deliveries and the study's new state, in one
 transaction, and only if the study is still the revision that was scored (a late instance
-meanwhile means the study is re-run instead and these results are discarded)."""
+meanwhile means the study is re-run instead and these results are discarded) and the attempt
+is still the running one (fencing: an attempt declared dead that comes back late raises
+:class:`~pacs_ai.jobs.StaleAttempt` and commits nothing: no finding, report or outbox row)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pacs_ai.config import Settings
 from pacs_ai.db.events import write_audit
 from pacs_ai.db.models import Finding, JobState, Report, Series, Study, StudyState
 from pacs_ai.delivery.outbox import Outbox
-from pacs_ai.jobs import Claim, finish_job
+from pacs_ai.jobs import Claim, StaleAttempt, finish_job
 from pacs_ai.scoring import StudyAnalysis
 
 
@@ -50,22 +52,36 @@ def record_results(
             select(Study.revision, Study.state).where(Study.id == claim.study_id)
         ).one()
         if current.revision != claim.revision or current.state != StudyState.PROCESSING:
-            finish_job(
+            if not finish_job(
                 conn,
                 claim.job_id,
                 JobState.FAILED,
                 now,
                 next_attempt_at=now,
                 error="superseded: the study changed while it was processed",
-            )
+            ):
+                raise _stale(claim)
             return None
+        scored = [s for s in analysis.series if s.model and s.score is not None]
+        used = [analysis.models[k] for k in sorted({s.model for s in scored if s.model})]
+        # The fence, first: the job row is locked (PostgreSQL) until commit, so a concurrent
+        # stalled-job sweep waits for this and then finds it finished, or wins and this fails.
+        if not finish_job(
+            conn,
+            claim.job_id,
+            JobState.SUCCEEDED,
+            now,
+            duration_ms=analysis.elapsed_ms,
+            models="; ".join(f"{m.name} {m.version}" for m in used) or None,
+            device=", ".join(sorted({m.device for m in used})) or None,
+        ):
+            raise _stale(claim)
         for s in analysis.series:
             conn.execute(
                 update(Series)
                 .where(Series.id == s.series_id)
                 .values(not_applicable_reason=None if s.model else (s.reason[:200] or None))
             )
-        scored = [s for s in analysis.series if s.model and s.score is not None]
         for s in scored:
             assert s.model is not None and s.score is not None
             info = analysis.models[s.model]
@@ -83,16 +99,6 @@ def record_results(
                     )
                 )
         _observe(conn, settings, modes, claim, analysis, now)
-        used = [analysis.models[k] for k in sorted({s.model for s in scored if s.model})]
-        finish_job(
-            conn,
-            claim.job_id,
-            JobState.SUCCEEDED,
-            now,
-            duration_ms=analysis.elapsed_ms,
-            models="; ".join(f"{m.name} {m.version}" for m in used) or None,
-            device=", ".join(sorted({m.device for m in used})) or None,
-        )
         new_reports: list[tuple[int, str]] = []
         to_deliver: list[tuple[int, str]] = []
         for report in built:
@@ -138,6 +144,12 @@ def record_results(
             {"state": state.value, "reports": len(new_reports), "deliveries": queued},
         )
     return Recorded(state, len(new_reports), queued)
+
+
+def _stale(claim: Claim) -> StaleAttempt:
+    return StaleAttempt(
+        f"stale attempt: study {claim.study_id} attempt {claim.attempt} is no longer running"
+    )
 
 
 def _observe(

@@ -46,8 +46,10 @@ class ScoringWorker:
     """Parent side of the worker child. Thread-safe: calls are serialised (several pipeline
     threads may share one worker)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, env: dict[str, str] | None = None) -> None:
         self._settings = settings
+        # Set in the child before any model loads, e.g. CUDA_VISIBLE_DEVICES: one GPU per slot.
+        self._env = dict(env or {})
         self._ctx = multiprocessing.get_context("spawn")
         self._proc: BaseProcess | None = None
         self._conn: Connection | None = None
@@ -133,7 +135,7 @@ class ScoringWorker:
         parent_end, child_end = self._ctx.Pipe()
         proc = self._ctx.Process(
             target=_child_main,
-            args=(child_end, self._settings, os.getpid()),
+            args=(child_end, self._settings, os.getpid(), self._env),
             name="pacs-ai-scoring",
             daemon=True,
         )
@@ -226,8 +228,11 @@ def _death(code: int | None, settings: Settings) -> str:
 # --- the child ---------------------------------------------------------------------------------
 
 
-def _child_main(conn: Connection, settings: Settings, parent_pid: int) -> None:
+def _child_main(
+    conn: Connection, settings: Settings, parent_pid: int, env: dict[str, str] | None = None
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    os.environ.update(env or {})  # before CUDA initialises (it reads CUDA_VISIBLE_DEVICES then)
     _limit_memory(settings)
     from pacs_ai.logs import configure_logging
     from pacs_ai.scoring import ModelProvider, analyse_study

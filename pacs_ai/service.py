@@ -1,17 +1,31 @@
 """``pacs-ai serve`` / ``pacs-ai worker``: wires listener, assembly, pipeline, outbox and
-scheduler together and runs them until SIGTERM/SIGINT."""
+scheduler together and runs them until SIGTERM/SIGINT.
+
+Roles (``serve --role``, ``service.role``) split the work over processes and machines that
+share one PostgreSQL database, the only source of truth:
+
+- ``gateway``: DICOM listener, assembly timers, retention, the console (and, later, the
+  object-storage uploader: :meth:`Service._start_gateway_extras`);
+- ``worker``: claims and scores studies, one slot per visible GPU (``CUDA_VISIBLE_DEVICES``)
+  or ``pipeline.workers`` on CPU; a slot claims only when it is idle, so a worker never takes
+  more than it can run; it also sweeps stalled attempts of dead workers;
+- ``sender``: the delivery outbox only;
+- ``all`` (default): everything, today's single-process behaviour.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import signal
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pacs_ai import startup
 from pacs_ai.assembly import Assembler
-from pacs_ai.config import Settings
+from pacs_ai.config import Role, Settings
 from pacs_ai.db.session import current_revision, head_revision, make_engine
 from pacs_ai.delivery.outbox import Outbox
 from pacs_ai.errors import StartupError
@@ -20,6 +34,7 @@ from pacs_ai.ingest.server import DicomServer
 from pacs_ai.ingest.spool import Spool
 from pacs_ai.pipeline import Pipeline
 from pacs_ai.scheduler import Scheduler
+from pacs_ai.scoring_worker import ScoringWorker
 from pacs_ai.storage.retention import Retention
 
 if TYPE_CHECKING:
@@ -31,50 +46,121 @@ ASSEMBLY_JOB = "assembly-sweep"
 DELIVERY_JOB = "delivery"
 STALE_JOB = "stale-jobs"
 RETENTION_JOB = "retention"
+ROLES_APART = ("gateway", "worker", "sender")
+
+
+@dataclass(frozen=True)
+class Components:
+    """What one process runs."""
+
+    role: str
+    listener: bool  # DICOM listener, assembly, retention (the gateway)
+    pipeline: bool  # claim and score (the worker)
+    sender: bool  # delivery outbox
+    http: bool  # console, /metrics, /healthz, /readyz
+
+    def describe(self) -> str:
+        parts = [
+            name
+            for name, on in (
+                ("DICOM listener + assembly + retention", self.listener),
+                ("pipeline worker", self.pipeline),
+                ("delivery outbox", self.sender),
+                ("HTTP console", self.http),
+            )
+            if on
+        ]
+        return f"role {self.role}: runs " + (", ".join(parts) or "nothing")
+
+
+def components(settings: Settings, role: Role | None = None, listener: bool = True) -> Components:
+    """``role`` None: ``service.role``; ``listener=False`` is ``pacs-ai worker`` (pipeline and
+    outbox, no listener)."""
+    http = settings.http.enabled
+    sender = bool(settings.destinations)
+    if not listener:
+        return Components("worker (pacs-ai worker)", False, True, sender, http)
+    role = role or settings.service.role
+    if role == "gateway":
+        return Components(role, True, False, False, http)
+    if role == "worker":
+        return Components(role, False, True, False, False)
+    if role == "sender":
+        return Components(role, False, False, sender, False)
+    return Components(role, True, settings.pipeline.enabled, sender, http)
+
+
+def pipeline_slots(settings: Settings) -> list[dict[str, str]]:
+    """One environment per pipeline slot: one per visible GPU when ``CUDA_VISIBLE_DEVICES``
+    names some (and the device is not forced to CPU), else ``pipeline.workers`` on CPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    gpus = [d.strip() for d in visible.split(",") if d.strip()]
+    if settings.inference.device != "cpu" and gpus and gpus != ["-1"]:
+        return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in gpus]
+    return [{} for _ in range(settings.pipeline.workers)]
 
 
 class Service:
-    """The gateway in one process: listener + assembly, and (unless ``pipeline.enabled`` is
-    false, or ``listener=False`` for ``pacs-ai worker``) the pipeline worker and outbox."""
+    """The gateway in one process, or one role of it (see the module doc)."""
 
-    def __init__(self, settings: Settings, listener: bool = True) -> None:
+    def __init__(self, settings: Settings, listener: bool = True, role: Role | None = None) -> None:
         self.settings = settings
+        self.parts = components(settings, role, listener)
         self.engine = make_engine(settings.database)
         self.spool = Spool(settings.storage.path, settings.storage.min_free_mb)
         self.scheduler = Scheduler()
         self.outbox = Outbox(self.engine, settings)
-        self.pipeline: Pipeline | None = None
-        if settings.pipeline.enabled or not listener:
-            self.pipeline = Pipeline(
-                self.engine, settings, self.outbox, on_reported=self._deliver_now
-            )
+        self.pipelines: list[Pipeline] = []
+        if self.parts.pipeline:
+            slots = pipeline_slots(settings)
+            for i, env in enumerate(slots):
+                suffix = "" if len(slots) == 1 else f"/{i}"
+                self.pipelines.append(
+                    Pipeline(
+                        self.engine,
+                        settings,
+                        self.outbox,
+                        ScoringWorker(settings, env),
+                        on_reported=self._deliver_now,
+                        worker_id=None if not suffix else _worker_id(suffix),
+                        name=f"pipeline{suffix}",
+                    )
+                )
+        self.pipeline: Pipeline | None = self.pipelines[0] if self.pipelines else None
         self.assembler: Assembler | None = None
         self.server: DicomServer | None = None
-        if listener:
+        if self.parts.listener:
             self.assembler = Assembler(
                 self.engine,
                 settings.assembly,
-                on_ready=self.pipeline.wake if self.pipeline else None,
+                on_ready=self._wake_pipelines if self.pipelines else None,
             )
             self.server = DicomServer(
                 settings, self.engine, self.spool, on_association_end=self._association_ended
             )
 
-        self.http = self._make_http() if settings.http.enabled else None
+        self.http = self._make_http() if self.parts.http else None
+
+    def _wake_pipelines(self, study_ids: object = None) -> None:
+        for p in self.pipelines:
+            p.wake(study_ids)
+
+    def _models_loaded(self) -> bool:
+        return all(p.scorer.ready for p in self.pipelines)
 
     # --- HTTP face: console, /metrics, /healthz, /readyz (issue 9) ---------------------------
 
     def _make_http(self) -> HttpServer:
         from pacs_ai.web import HttpServer, WebContext, build_app
 
-        server, pipeline = self.server, self.pipeline
+        server = self.server
         ctx = WebContext(
             settings=self.settings,
             engine=self.engine,
             listener_accepting=(lambda: server.accepting) if server else None,
-            models_loaded=(lambda: pipeline.scorer.ready) if pipeline else None,
+            models_loaded=self._models_loaded if self.pipelines else None,
             wake_outbox=self._deliver_now,
-            wake_pipeline=pipeline.wake if pipeline else None,
+            wake_pipeline=self._wake_pipelines if self.pipelines else None,
         )
         return HttpServer(self.settings.http, build_app(ctx))
 
@@ -85,7 +171,8 @@ class Service:
         self.scheduler.once(ASSEMBLY_JOB, delay, self.assembler.sweep)
 
     def _deliver_now(self) -> None:
-        if self.settings.destinations:
+        # Only where this process sends; elsewhere the sender's poll picks the rows up.
+        if self.parts.sender:
             self.scheduler.once(DELIVERY_JOB, 0.0, self.outbox.run_due)
 
     def check_schema(self) -> str | None:
@@ -109,7 +196,9 @@ class Service:
                     raise StartupError(startup.listen_problem(self.settings.dicom, exc)) from exc
             # Every model the routing rules use, loaded now in the scoring worker: one that
             # cannot load refuses the start instead of failing every study later.
-            models = self.pipeline.scorer.wait_ready() if self.pipeline is not None else []
+            models = []
+            for p in self.pipelines:
+                models = p.scorer.wait_ready()  # every slot loads the same models
         except StartupError:
             if self.server is not None:
                 self.server.close()
@@ -122,24 +211,23 @@ class Service:
             self.scheduler.every(
                 ASSEMBLY_JOB, self.settings.assembly.sweep_interval_seconds, self.assembler.sweep
             )
-        if self.pipeline is not None:
-            # SQLite has one worker, so anything left "processing" was ours; with PostgreSQL
-            # only jobs older than the lease (their worker is presumed dead). Either way the
-            # interrupted job counts as an attempt (a crash loop ends "failed").
-            single = self.engine.dialect.name == "sqlite"
-            lease = dt.timedelta(seconds=0 if single else self.settings.pipeline.lease_seconds)
-            ledger = self.pipeline.ledger
-            ledger.recover_stale(lease)
-            if not single:
-                self.scheduler.every(
-                    STALE_JOB,
-                    self.settings.pipeline.lease_seconds / 4,
-                    lambda: ledger.recover_stale(
-                        dt.timedelta(seconds=self.settings.pipeline.lease_seconds)
-                    ),
-                )
-            self.pipeline.start()
-        if self.settings.destinations:
+        if self.pipelines:
+            # Attempts whose worker died (no heartbeat for pipeline.stalled_seconds) count as
+            # failed attempts and are retried (a crash loop ends "failed"). With SQLite one
+            # process runs the pipeline (`all` or `pacs-ai worker`), so at start anything
+            # still running was ours; `--role worker` processes may be several, so they wait.
+            stalled = self.settings.pipeline.stalled_seconds
+            ledger = self.pipelines[0].ledger
+            single = self.engine.dialect.name == "sqlite" and self.parts.role != "worker"
+            ledger.recover_stale(dt.timedelta(seconds=0 if single else stalled))
+            self.scheduler.every(
+                STALE_JOB,
+                self.settings.pipeline.heartbeat_seconds,
+                lambda: ledger.recover_stale(dt.timedelta(seconds=stalled)),
+            )
+            for p in self.pipelines:
+                p.start()
+        if self.parts.sender:
             self.scheduler.every(
                 DELIVERY_JOB, self.settings.delivery.poll_seconds, self.outbox.run_due
             )
@@ -148,16 +236,30 @@ class Service:
             self.scheduler.every(
                 RETENTION_JOB, self.settings.retention.interval_seconds, retention.run
             )
+        if self.parts.listener:
+            self._start_gateway_extras()
         self.scheduler.start()
         if self.server is not None:
             self.server.start()
         for line in startup.summary_lines(
-            self.settings, models, self.engine, self.server is not None, revision
+            self.settings,
+            models,
+            self.engine,
+            self.server is not None,
+            revision,
+            role=f"{self.parts.describe()}; pipeline slots: {len(self.pipelines)}",
         ):
             log.info("%s", line)
         if self.http is not None:
             self._announce_console()
+        if self.engine.dialect.name == "sqlite" and self.parts.role in ROLES_APART:
+            log.warning("role %s on SQLite: every role must run on this machine", self.parts.role)
         startup.notify_systemd("READY=1")
+
+    def _start_gateway_extras(self) -> None:
+        """Hook for gateway-side periodic work beyond the listener: the object-storage
+        uploader (issue 12, another change) registers its scheduler job here, so it runs in
+        the ``gateway`` and ``all`` roles only."""
 
     def _announce_console(self) -> None:
         from pacs_ai.web.users import count_users
@@ -173,8 +275,8 @@ class Service:
             self.http.stop()
         if self.server is not None:
             self.server.stop()
-        if self.pipeline is not None:
-            self.pipeline.stop()
+        for p in self.pipelines:
+            p.stop()
         self.scheduler.shutdown()
         self.engine.dispose()
 
@@ -190,3 +292,9 @@ class Service:
         self.start()
         stop_requested.wait()
         self.stop()
+
+
+def _worker_id(suffix: str) -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}{suffix}"[:64]

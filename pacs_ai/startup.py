@@ -119,11 +119,14 @@ def check_tls(settings: Settings) -> None:
         ) from exc
 
 
-def preflight(settings: Settings, listener: bool) -> None:
-    """What can be checked before the service is built: database, spool, reports, TLS."""
+def preflight(settings: Settings, listener: bool, pipeline: bool | None = None) -> None:
+    """What can be checked before the service is built: database, spool, reports, TLS.
+    ``pipeline`` None: as ``pipeline.enabled`` (or always without a listener)."""
     check_database(settings)
     check_writable(settings.storage.path, "storage.path")
-    if settings.pipeline.enabled or not listener:
+    if pipeline is None:
+        pipeline = settings.pipeline.enabled or not listener
+    if pipeline:
         check_writable(settings.reports.path, "reports.path")
     if listener:
         check_tls(settings)
@@ -182,10 +185,13 @@ def summary_lines(
     engine: Engine,
     listener: bool,
     revision: str | None,
+    role: str | None = None,
 ) -> list[str]:
     """The start-up summary: what this process serves, with what, and where."""
     d, tls, access = settings.dicom, settings.tls, settings.access
     lines = [f"pacs-ai {__version__} started with config {settings.source}"]
+    if role:
+        lines.append(role)
     if listener:
         tls_text = "off"
         if tls.enabled:
@@ -199,7 +205,7 @@ def summary_lines(
         )
         lines.append(f"dicom: AE {d.ae_title} on {d.host}:{d.port}, TLS {tls_text}; {allow}")
     else:
-        lines.append("dicom: no listener in this process (pacs-ai worker)")
+        lines.append("dicom: no listener in this process")
     if models:
         for m in models:
             demo = "DEMO, not for clinical use" if m.demo else "not a demo"
@@ -209,7 +215,7 @@ def summary_lines(
                 f"device {m.device}, precision {m.precision}{why}"
             )
     else:
-        lines.append("models: none loaded here (pipeline.enabled = false: run `pacs-ai worker`)")
+        lines.append("models: none loaded here (studies are scored by `serve --role worker`)")
     if settings.destinations:
         for dest in settings.destinations:
             target = (

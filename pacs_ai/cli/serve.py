@@ -19,6 +19,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "model cannot be loaded or the spool is not writable; then logs a summary.",
     )
     add_config_arg(p)
+    p.add_argument(
+        "--role",
+        choices=("all", "gateway", "worker", "sender"),
+        default=None,
+        help="what this process runs (default: service.role, which defaults to all): "
+        "gateway = DICOM listener, assembly, retention, console; worker = claims and scores "
+        "studies (one per GPU in CUDA_VISIBLE_DEVICES, else pipeline.workers); sender = "
+        "delivery outbox; all = everything. Separate roles share one PostgreSQL database",
+    )
     p.set_defaults(handler=_serve)
     w = sub.add_parser(
         "worker",
@@ -30,14 +39,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _serve(args: argparse.Namespace, listener: bool = True) -> int:
-    from pacs_ai.service import Service
+    from pacs_ai.service import Service, components
     from pacs_ai.startup import preflight
 
     settings = load_settings(args.config)
     configure_logging(settings.logging)
+    role = getattr(args, "role", None)
+    parts = components(settings, role, listener)
     # Before the service is built: a refused start creates nothing (no empty database).
-    preflight(settings, listener=listener)
-    Service(settings, listener=listener).run_forever()
+    preflight(settings, listener=parts.listener, pipeline=parts.pipeline)
+    Service(settings, listener=listener, role=role).run_forever()
     return 0
 
 

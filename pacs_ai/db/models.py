@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -212,7 +213,28 @@ class Job(Base):
     """One attempt of the pipeline at one revision of a study."""
 
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("study_id", "study_revision", "attempt"),)
+    __table_args__ = (
+        UniqueConstraint("study_id", "study_revision", "attempt"),
+        # Exactly-once (issue 12): at most one attempt of a study revision runs at a time
+        # (a duplicate enqueue or a racing claim yields one job), and at most one succeeds
+        # (a fenced-out worker that comes back late cannot commit a second result).
+        Index(
+            "uq_jobs_one_running",
+            "study_id",
+            "study_revision",
+            unique=True,
+            sqlite_where=text("state = 'running'"),
+            postgresql_where=text("state = 'running'"),
+        ),
+        Index(
+            "uq_jobs_one_succeeded",
+            "study_id",
+            "study_revision",
+            unique=True,
+            sqlite_where=text("state = 'succeeded'"),
+            postgresql_where=text("state = 'succeeded'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
@@ -226,6 +248,9 @@ class Job(Base):
     device: Mapped[str | None] = mapped_column(String(32))
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    # Refreshed every pipeline.heartbeat_seconds while the attempt runs; an attempt whose
+    # heartbeat is older than pipeline.stalled_seconds belongs to a dead worker.
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     duration_ms: Mapped[float | None] = mapped_column(Float)
     # When a failed attempt may be retried (null: now, or never for dead jobs).

@@ -150,6 +150,8 @@ def test_started_service_logs_one_summary(
     assert spool.endswith(" free (new studies refused below 1 MB)")
     assert lines[:-2] + lines[-1:] == [
         "pacs-ai 0.1.0 started with config <dict>",
+        "role all: runs DICOM listener + assembly + retention, pipeline worker, "
+        "delivery outbox; pipeline slots: 1",
         f"dicom: AE PACS_AI on 127.0.0.1:{settings.dicom.port}, TLS off; "
         "3 peer(s) allowed, others rejected",
         "model cxr: pacs-ai-cxr-demo 1.0 (DEMO, not for clinical use), device cpu, precision fp32",
