@@ -51,6 +51,10 @@ def _load_sync_file_range() -> Callable[[int, int, int], None]:
 _start_writeback = _load_sync_file_range()
 
 
+# objects/ab/cd: at most 65,536 directories; the cache is a set of their paths.
+_MAX_CACHED_DIRS = 70_000
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -120,6 +124,7 @@ class PendingFile:
         self.size = 0
         self._offset = 0
         self._placed: StoredFile | None = None
+        self.final_path = self.path  # where the file is: in tmp/, then objects/ once placed
         self._fd: int | None = None
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -160,14 +165,19 @@ class PendingFile:
         digest = self._hash.hexdigest()
         final = self._spool.object_path(digest)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            created = not final.exists()
-            os.replace(self.path, final)
+            self._spool.ensure_dir(final.parent)
+            created = not os.path.lexists(final)
+            try:
+                os.replace(self.path, final)
+            except FileNotFoundError:  # its directory was removed since it was made
+                self._spool.ensure_dir(final.parent, known=False)
+                os.replace(self.path, final)
         except OSError as exc:
             self.discard()
             _raise_io(exc, "placing a spool file")
+        self.final_path = final
         self._placed = StoredFile(
-            digest, self.size, str(final.relative_to(self._spool.root)), created
+            digest, self.size, f"objects/{digest[:2]}/{digest[2:4]}/{final.name}", created
         )
         return self._placed
 
@@ -178,7 +188,7 @@ class PendingFile:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
-            _fsync_dir(self._spool.resolve(self._placed.relpath).parent)
+            _fsync_dir(self.final_path.parent)
         except OSError as exc:
             _raise_io(exc, "flushing the spool")
 
@@ -215,6 +225,7 @@ class Spool:
         self.objects_dir = root / "objects"
         self.quarantine_dir = root / "quarantine"
         self._resolved_root = root.resolve()
+        self._dirs: set[Path] = set()  # object directories known to exist (see ensure_dir)
 
     def prepare(self) -> int:
         """Create the layout; remove files left half-written in ``tmp/`` (none of them was
@@ -227,6 +238,17 @@ class Spool:
                 p.unlink()
                 removed += 1
         return removed
+
+    def ensure_dir(self, path: Path, known: bool = True) -> None:
+        """Create an object directory (and its parents) unless this process already made or
+        saw it: saves a mkdir and a stat per instance. ``known=False`` forgets the cache
+        entry (the directory was removed behind our back, e.g. by retention)."""
+        if known and path in self._dirs:
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        if len(self._dirs) >= _MAX_CACHED_DIRS:
+            self._dirs.clear()
+        self._dirs.add(path)
 
     def object_path(self, sha256: str) -> Path:
         if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):

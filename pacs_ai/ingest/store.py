@@ -172,7 +172,7 @@ class StoreService:
         durable = self._ctx.io_pool.submit(pending.make_durable)
         try:
             header = read_and_validate(
-                self._ctx.spool.resolve(stored.relpath),
+                pending.final_path,  # under objects/, named by our hash (no realpath needed)
                 cx.transfer_syntax,
                 cmd.sop_class_uid,
                 cmd.sop_instance_uid,
