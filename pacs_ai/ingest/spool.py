@@ -20,6 +20,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -51,6 +52,7 @@ def _load_sync_file_range() -> Callable[[int, int, int], None]:
 _start_writeback = _load_sync_file_range()
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # objects/ab/cd: at most 65,536 directories; the cache is a set of their paths.
 _MAX_CACHED_DIRS = 70_000
 
@@ -251,7 +253,7 @@ class Spool:
         self._dirs.add(path)
 
     def object_path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+        if not _SHA256_HEX.fullmatch(sha256):
             raise ValueError("not a sha256 hex digest")
         return self.objects_dir / sha256[:2] / sha256[2:4] / f"{sha256}.dcm"
 

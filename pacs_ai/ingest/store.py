@@ -178,14 +178,16 @@ class StoreService:
                 cmd.sop_instance_uid,
                 self._limits,
             )
-            outcome = self._ctx.recorder.record_instance(
+            # Recorded in a transaction shared with instances that other associations finish
+            # at the same moment (group commit); the file's fsync is awaited before it commits.
+            outcome = self._ctx.committer.record(
                 self.assoc_id,
                 self._calling_ae,
                 header,
                 stored,
                 cx.transfer_syntax,
                 self._cache,
-                before_commit=durable.result,
+                durable=durable.result,
             )
         except BaseException:
             wait([durable])

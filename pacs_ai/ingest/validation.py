@@ -132,6 +132,12 @@ _IMAGE_PIXEL_MODULE = (
 )
 
 
+@lru_cache(maxsize=64)
+def _uid(value: str) -> UID:
+    """A transfer syntax as pydicom's UID (its constructor validates: cached per value)."""
+    return UID(value)
+
+
 @lru_cache(maxsize=512)
 def is_image_storage(sop_class_uid: str) -> bool:
     """Storage SOP classes of image IODs (they carry the Image Pixel module)."""
@@ -274,7 +280,7 @@ def read_and_validate(
 
     Raises a :class:`~pacs_ai.errors.StoreError` subclass naming the problem.
     """
-    ts = UID(transfer_syntax)
+    ts = _uid(transfer_syntax)
     walked = walk_file(path, ts, limits)
     ds = _header_values(walked)
 

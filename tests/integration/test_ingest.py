@@ -335,7 +335,7 @@ def test_unexpected_errors_answer_0110_and_the_association_goes_on(
     target = (
         (store_module, "read_and_validate")
         if where == "validate"
-        else (svc.server._ctx.recorder, "record_instance")  # type: ignore[union-attr]
+        else (svc.server._ctx.recorder, "record_in")  # type: ignore[union-attr]
     )
     real = getattr(*target)
 
