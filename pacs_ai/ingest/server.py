@@ -72,8 +72,9 @@ class DicomServer:
             slots=AssociationSlots(settings.dicom.max_associations),
             pending=PendingConnections(settings.dicom.max_pending_per_address),
             on_association_end=on_association_end or (lambda _id: None),
+            # Two fsyncs per instance in flight (file and directory), per association.
             io_pool=ThreadPoolExecutor(
-                max_workers=settings.dicom.max_associations, thread_name_prefix="spool-io"
+                max_workers=2 * settings.dicom.max_associations, thread_name_prefix="spool-io"
             ),
             # An instance waits for a batch at most as long as the peer waits for its answer.
             committer=GroupCommitter(recorder, queue_timeout=settings.dicom.dimse_timeout),

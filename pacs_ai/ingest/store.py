@@ -167,9 +167,18 @@ class StoreService:
         except BaseException:
             _discard_quietly(pending)
             raise
-        # The fsync (GIL released) runs on another thread while this one validates the file
-        # and prepares its rows; the transaction commits only once the file is durable.
-        durable = self._ctx.io_pool.submit(pending.make_durable)
+        # The fsyncs (GIL released) of the file and of its directory run at once on two other
+        # threads while this one validates the file and prepares its rows; the transaction
+        # commits only once both returned (the file is durable under its final name).
+        syncs = [
+            self._ctx.io_pool.submit(pending.sync_file),
+            self._ctx.io_pool.submit(pending.sync_dir),
+        ]
+
+        def durable() -> None:
+            for f in syncs:
+                f.result()
+
         try:
             header = read_and_validate(
                 pending.final_path,  # under objects/, named by our hash (no realpath needed)
@@ -187,10 +196,10 @@ class StoreService:
                 stored,
                 cx.transfer_syntax,
                 self._cache,
-                durable=durable.result,
+                durable=durable,
             )
         except BaseException:
-            wait([durable])
+            wait(syncs)
             _discard_quietly(pending)
             raise
         if log.isEnabledFor(logging.DEBUG):  # uid_ref hashes; skip it on the hot path
