@@ -29,6 +29,7 @@ from pacs_ai.ingest.structure import CodestreamKind, walk
 from pacs_ai.ingest.validation import Limits
 from pacs_ai.logs import RedactingFilter, safe_traceback, uid_ref
 from tests import dicomfaults as f
+from tests.conftest import dx_dataset
 from tests.integration.rawpeer import encode_dataset, pdata, store_command
 
 SMALL = FrameSize(64, 64, 1, 8)
@@ -185,7 +186,7 @@ def _spooled(tmp_path: Path, ds: Dataset, ts: str) -> Path:
 
 
 def _header_dataset_for_test(charset: str, name: str) -> Dataset:
-    ds = f.dx_dataset(size=16)
+    ds = dx_dataset(size=16)
     ds.SpecificCharacterSet = charset
     ds.PatientName = name
     ds.StudyDescription = " leading space kept "
