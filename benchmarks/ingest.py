@@ -12,9 +12,12 @@ association), ``dx`` (one association) and ``ct-concurrent`` (the same CT split 
 with pacs-ai's ratios to the peers measured in the same run, and written as JSON to
 ``benchmarks/results/ingest.json``.
 
-pacs-ai is measured as it runs in production: every instance fsynced, renamed, recorded in
-SQLite (WAL, synchronous=FULL) before Success. storescp writes without fsync and keeps no
-database; Orthanc keeps its SQLite index.
+pacs-ai is measured as it runs in production: every instance renamed into place, fsynced
+with its directory, recorded in SQLite (WAL, synchronous=FULL) before Success; concurrent
+associations share group commits. storescp writes without fsync and keeps no database;
+Orthanc keeps its SQLite index (and fsyncs only that). On a shared machine instances/s swing
+with other jobs' disk and CPU use; CPU ms per instance (the receiver process's own time) is
+the steadier comparison.
 """
 
 from __future__ import annotations
