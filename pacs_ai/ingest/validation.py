@@ -242,7 +242,7 @@ def _fast_values(walked: Walked) -> dict[str, object] | None:
         except UnicodeDecodeError:
             return None
         text = text.rstrip(" \x00")
-        if "\\" in text:
+        if "\\" in text or (vr == b"PN" and "=" in text):  # multi-valued; PN groups
             return None
         if vr == b"IS":
             if not text:

@@ -231,6 +231,7 @@ def test_fast_header_values_equal_pydicoms(
         ("InstanceNumber", ["1", "2"]),  # multi-valued
         ("SeriesNumber", "12.0"),  # not a plain integer string
         ("PatientName", ["A^B", "C^D"]),
+        ("PatientName", "Yamada^Tarou=Y^T"),  # component groups: pydicom's PersonName decides
     ],
 )
 def test_fast_header_falls_back_to_pydicom(tmp_path: Path, keyword: str, value: object) -> None:
