@@ -20,7 +20,9 @@ from pacs_ai.ingest.server import DicomServer
 from pacs_ai.ingest.spool import Spool
 from pacs_ai.pipeline import Pipeline
 from pacs_ai.scheduler import Scheduler
+from pacs_ai.storage.objects import S3Store
 from pacs_ai.storage.retention import Retention
+from pacs_ai.storage.uploader import Uploader
 
 if TYPE_CHECKING:
     from pacs_ai.web import HttpServer
@@ -60,6 +62,11 @@ class Service:
                 settings, self.engine, self.spool, on_association_end=self._association_ended
             )
 
+        # storage.backend = "s3": the spool is the write-ahead buffer; uploads run here.
+        self.uploader: Uploader | None = None
+        if listener and settings.storage.backend == "s3":
+            self.uploader = Uploader(self.engine, settings, S3Store(settings.storage))
+            self.spool.buffer_guard = self.uploader.check_buffer
         self.http = self._make_http() if settings.http.enabled else None
 
     # --- HTTP face: console, /metrics, /healthz, /readyz (issue 9) ---------------------------
@@ -118,6 +125,9 @@ class Service:
             raise
         if self.server is not None:
             recover(self.spool, self.engine)
+        if self.uploader is not None:
+            self.uploader.refresh()  # the buffer guard counts from the first association
+            self.uploader.start()
         if self.assembler is not None:
             self.scheduler.every(
                 ASSEMBLY_JOB, self.settings.assembly.sweep_interval_seconds, self.assembler.sweep
@@ -173,6 +183,8 @@ class Service:
             self.http.stop()
         if self.server is not None:
             self.server.stop()
+        if self.uploader is not None:
+            self.uploader.stop()
         if self.pipeline is not None:
             self.pipeline.stop()
         self.scheduler.shutdown()

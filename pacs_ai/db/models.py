@@ -206,6 +206,9 @@ class Instance(Base):
     # Set when retention deleted the file (the row stays as history); cleared when the same
     # instance is received again and stored anew.
     purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # With storage.backend = "s3": when the object under its sha256 key was confirmed in the
+    # bucket (null: still only in the local buffer; the uploader's queue).
+    uploaded_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)
 
 
 class Job(Base):
