@@ -37,6 +37,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Engine,
     and_,
     delete,
@@ -44,6 +45,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    true,
     update,
 )
 
@@ -61,6 +63,8 @@ from pacs_ai.db.models import (
     StudyState,
     utcnow,
 )
+from pacs_ai.storage.objects import ObjectStore, open_store
+from pacs_ai.storage.uploader import evict_uploaded
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +192,13 @@ class Retention:
         self._clock = clock
         self._free_bytes = free_bytes or self._statvfs_free
         self._seen: set[int] = set()  # studies whose objects this run purged
+        # storage.backend = "s3": objects are deleted from the bucket too, a study only once
+        # every instance of it is uploaded, and local copies go local_keep_seconds after
+        # their upload.
+        self._storage = settings.storage
+        self._store: ObjectStore | None = (
+            open_store(settings.storage) if settings.storage.backend == "s3" else None
+        )
 
     def _statvfs_free(self) -> int:
         path = self._spool_root
@@ -217,6 +228,13 @@ class Retention:
             for sid in self._candidates(aged):
                 self._purge_objects(sid, aged, reason, purged, dry_run)
         self._free_space(report, dry_run)
+        keep = self._storage.local_keep_seconds
+        if self._store is not None and keep is not None and not dry_run:
+            evicted = evict_uploaded(
+                self._engine, self._spool_root, now - dt.timedelta(seconds=keep)
+            )
+            if evicted:
+                log.info("retention: %d uploaded local copies deleted", evicted)
         self._purge_reports(now - dt.timedelta(days=cfg.reports_days), report, dry_run)
         self._purge_audit(now - dt.timedelta(days=cfg.audit_days), report, dry_run)
         if report.bytes or report.audit_events or report.associations:
@@ -234,13 +252,24 @@ class Retention:
             )
         return report
 
+    def _uploaded(self) -> ColumnElement[bool]:
+        """With an object store: every live instance of the study is uploaded (a purge
+        before that would leave the upload's object behind)."""
+        if self._store is None:
+            return true()
+        return ~exists().where(
+            Instance.study_id == Study.id,
+            Instance.purged_at.is_(None),
+            Instance.uploaded_at.is_(None),
+        )
+
     def _candidates(self, condition: ColumnElement[bool]) -> list[int]:
         """Study ids matching ``condition`` that still have objects, oldest finished first."""
         with self._engine.connect() as conn:
             return list(
                 conn.scalars(
                     select(Study.id)
-                    .where(condition, _has_live_objects())
+                    .where(condition, self._uploaded(), _has_live_objects())
                     .order_by(Study.state_changed_at, Study.id)
                 )
             )
@@ -275,11 +304,11 @@ class Retention:
         with self._engine.begin() as conn:
             # Re-check inside the transaction: an instance that arrived since the candidate
             # query made the study "receiving" again, and then nothing here matches.
-            where = (Study.id == study_id, condition)
+            where = (Study.id == study_id, condition, self._uploaded())
             if dry_run:
                 still = conn.scalar(select(Study.id).where(*where))
                 rows = conn.execute(
-                    select(Instance.id, Instance.path).where(
+                    select(Instance.id, Instance.path, Instance.sha256).where(
                         Instance.study_id == study_id, Instance.purged_at.is_(None)
                     )
                 ).all()
@@ -292,7 +321,7 @@ class Retention:
                         update(Instance)
                         .where(Instance.study_id == study_id, Instance.purged_at.is_(None))
                         .values(purged_at=now)
-                        .returning(Instance.id, Instance.path)
+                        .returning(Instance.id, Instance.path, Instance.sha256)
                     ).all()
                     if still is not None
                     else []
@@ -303,7 +332,10 @@ class Retention:
             nbytes = sum(_file_size(p) for p in paths)
             if not dry_run:
                 # Rows are marked (and locked) first; the files go before the commit, so a
-                # crash here leaves rows unmarked and the next run finishes the job.
+                # crash here leaves rows unmarked and the next run finishes the job. Objects
+                # in the bucket go first: a store that fails rolls everything back.
+                if self._store is not None:
+                    self._delete_objects(conn, {r.sha256 for r in rows})
                 for p in paths:
                     _unlink(p)
                 write_audit(
@@ -317,6 +349,18 @@ class Retention:
                 )
         purged.add(len(rows), nbytes)
         self._seen.add(study_id)
+
+    def _delete_objects(self, conn: Connection, shas: set[str]) -> None:
+        """Delete the objects of ``shas`` no live instance row still references."""
+        assert self._store is not None
+        for sha in sorted(shas):
+            others = conn.scalar(
+                select(func.count())
+                .select_from(Instance)
+                .where(Instance.sha256 == sha, Instance.purged_at.is_(None))
+            )
+            if not others:
+                self._store.delete(sha)
 
     # --- report files ----------------------------------------------------------------------
 

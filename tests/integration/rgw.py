@@ -145,6 +145,9 @@ mon osd full ratio = 0.99
 mon osd backfillfull ratio = 0.99
 mon osd nearfull ratio = 0.99
 debug ms = 0
+# A killed radosgw leaves watches behind; a restarted one notifying them would stall
+# until they time out (30 s by default).
+osd client watch timeout = 5
 [mon]
 mon data = {r}/mon.$id
 mon cluster log file = {r}/log/cluster.log
@@ -163,6 +166,7 @@ rgw dns name = localhost
 rgw thread pool size = 32
 rgw enable usage log = false
 rgw max concurrent requests = 256
+rgw cache enabled = false
 """
         )
 

@@ -1,0 +1,190 @@
+"""The gateway with ``storage.backend = "s3"`` against a real S3 server (Ceph RGW): dcmtk's
+storescu sends, the spool stays the write-ahead buffer, the uploader puts every instance
+under its sha256 key; the gateway survives RGW going away and catches up when it returns;
+a full local buffer answers 0xA700; retention deletes the objects."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+
+from pacs_ai.db.models import Instance, Study, StudyState
+from pacs_ai.service import Service
+from pacs_ai.storage.objects import S3Store
+from pacs_ai.storage.retention import Retention
+from pacs_ai.storage.uploader import upload_backlog
+from tests.conftest import ct_datasets, wait_for, write_all
+from tests.integration.conftest import ServiceFactory, rgw_storage
+from tests.integration.rawpeer import encode_dataset
+from tests.integration.rgw import RgwCluster
+from tests.integration.test_e2e import storescu
+from tests.integration.test_ingest import CT, _raw
+
+
+def _s3(rgw: RgwCluster, **extra: Any) -> dict[str, Any]:
+    storage = rgw_storage(rgw, upload_poll_seconds=0.1, upload_max_backoff_seconds=0.5, **extra)
+    return storage.model_dump(exclude={"path", "min_free_mb", "s3_cache_path"})
+
+
+def _rows(svc: Service) -> list[Any]:
+    with svc.engine.connect() as c:
+        return list(
+            c.execute(
+                select(Instance.sha256, Instance.path, Instance.uploaded_at).order_by(Instance.id)
+            )
+        )
+
+
+def _all_uploaded(svc: Service, n: int) -> bool:
+    rows = _rows(svc)
+    return len(rows) == n and all(r.uploaded_at is not None for r in rows)
+
+
+def _assert_in_bucket(svc: Service, store: S3Store, tmp_path: Path) -> None:
+    for i, r in enumerate(_rows(svc)):
+        out = tmp_path / "check" / f"{i}.dcm"
+        store.fetch(r.sha256, out)  # verified against the key on the way
+        assert out.read_bytes() == (svc.spool.root / r.path).read_bytes()
+
+
+def test_storescu_to_s3_every_instance_under_its_sha256(
+    rgw: RgwCluster, start_service: ServiceFactory, tmp_path: Path
+) -> None:
+    svc = start_service(storage=_s3(rgw))
+    files = write_all(ct_datasets(8), tmp_path / "in")
+    storescu(svc, files)
+    wait_for(lambda: _all_uploaded(svc, 8), timeout=30, what="8 instances uploaded")
+    store = S3Store(rgw_storage(rgw))
+    _assert_in_bucket(svc, store, tmp_path)
+    keys = {o["Key"] for o in store._client.list_objects_v2(Bucket=rgw.bucket)["Contents"]}
+    assert keys == {r.sha256 for r in _rows(svc)}
+    wait_for(lambda: svc.uploader is not None and svc.uploader.backlog.count == 0, timeout=5)
+    assert upload_backlog(svc.engine).count == 0
+
+
+def test_rgw_killed_during_ingest_then_back_nothing_lost(
+    rgw: RgwCluster, start_service: ServiceFactory, tmp_path: Path
+) -> None:
+    svc = start_service(storage=_s3(rgw))
+    assert svc.uploader is not None
+    first, second = ct_datasets(4, seed=1), ct_datasets(6, seed=2)
+    storescu(svc, write_all(first, tmp_path / "a"))
+    wait_for(lambda: _all_uploaded(svc, 4), timeout=30, what="first 4 uploaded")
+
+    rgw.stop_rgw()
+    # The store is gone: C-STORE still succeeds into the local buffer (storescu checks 0).
+    storescu(svc, write_all(second, tmp_path / "b"))
+    wait_for(lambda: svc.uploader.backlog.count == 6, timeout=10, what="backlog of 6")
+    lag1 = upload_backlog(svc.engine).lag_seconds(dt.datetime.now(dt.UTC))
+    wait_for(lambda: svc.uploader.failures >= 2, timeout=10, what="failed upload rounds")
+    lag2 = upload_backlog(svc.engine).lag_seconds(dt.datetime.now(dt.UTC))
+    assert lag2 > lag1 > 0  # the lag grows while the store is away
+    assert sum(r.uploaded_at is None for r in _rows(svc)) == 6
+
+    rgw.start_rgw()
+    wait_for(lambda: _all_uploaded(svc, 10), timeout=60, what="everything uploaded")
+    _assert_in_bucket(svc, S3Store(rgw_storage(rgw)), tmp_path)
+    wait_for(lambda: svc.uploader.backlog.count == 0, timeout=5)
+
+
+def test_local_buffer_over_watermark_answers_out_of_resources(
+    rgw: RgwCluster, start_service: ServiceFactory
+) -> None:
+    svc = start_service(storage=_s3(rgw, local_buffer_high_watermark_mb=1))
+    assert svc.uploader is not None
+    rgw.stop_rgw()
+    raw, cx = _raw(svc)
+    # 64x64 CT slices of about 8 kB: 1 MB of backlog takes ~130 of them.
+    series = ct_datasets(200, size=64, seed=3)
+    statuses = []
+    for ds in series:
+        statuses.append(raw.c_store(cx, CT, ds.SOPInstanceUID, encode_dataset(ds)))
+        if statuses[-1] != 0:
+            break
+        if svc.uploader.backlog.bytes <= 1024 * 1024 and upload_backlog(svc.engine).bytes > (
+            1024 * 1024
+        ):
+            # Over the mark in the database: wait until the guard's count has seen it.
+            wait_for(lambda: svc.uploader.backlog.bytes > 1024 * 1024, timeout=5)
+    assert statuses[-1] == 0xA700
+    assert set(statuses[:-1]) == {0}
+    stored = len(statuses) - 1
+    assert len(_rows(svc)) == stored  # the refused one was not recorded
+    raw.release()
+
+    rgw.start_rgw()
+    wait_for(lambda: _all_uploaded(svc, stored), timeout=60, what="the backlog uploaded")
+    wait_for(lambda: svc.uploader.backlog.bytes == 0, timeout=5)
+    raw, cx = _raw(svc)
+    ds = series[stored]
+    assert raw.c_store(cx, CT, ds.SOPInstanceUID, encode_dataset(ds)) == 0
+    raw.release()
+
+
+def test_retention_deletes_uploaded_objects_and_local_copies(
+    rgw: RgwCluster, start_service: ServiceFactory, tmp_path: Path
+) -> None:
+    svc = start_service(
+        storage=_s3(rgw, local_keep_seconds=0),
+        retention={"objects_days": 0, "failed_objects_days": 0, "min_free_mb": 0},
+    )
+    studies = [ct_datasets(3, seed=10), ct_datasets(2, seed=11)]
+    for i, series in enumerate(studies):
+        storescu(svc, write_all(series, tmp_path / f"s{i}"))
+    wait_for(lambda: _all_uploaded(svc, 5), timeout=30, what="5 uploaded")
+    store = S3Store(rgw_storage(rgw))
+    first_uid = studies[0][0].StudyInstanceUID
+    with svc.engine.begin() as c:  # the first study is finished (reported, nothing to deliver)
+        c.execute(
+            update(Study)
+            .where(Study.study_uid == first_uid)
+            .values(
+                state=StudyState.NOT_APPLICABLE,
+                state_changed_at=dt.datetime(2020, 1, 1, tzinfo=dt.UTC),
+            )
+        )
+    Retention(svc.engine, svc.settings).run()
+    with svc.engine.connect() as c:
+        rows = c.execute(
+            select(Instance.sha256, Instance.path, Instance.purged_at, Study.study_uid).join(
+                Study, Study.id == Instance.study_id
+            )
+        ).all()
+    purged = [r for r in rows if r.study_uid == first_uid]
+    kept = [r for r in rows if r.study_uid != first_uid]
+    assert len(purged) == 3 and all(r.purged_at is not None for r in purged)
+    assert all(not store.exists(r.sha256) for r in purged)
+    assert all(r.purged_at is None and store.exists(r.sha256) for r in kept)
+    # local_keep_seconds = 0: the other study's local copies went (the bucket has them).
+    assert not any((svc.spool.root / r.path).exists() for r in rows)
+
+
+def test_retention_waits_for_the_upload(
+    rgw: RgwCluster, start_service: ServiceFactory, tmp_path: Path
+) -> None:
+    """A finished study whose instances are not uploaded yet is not purged (its objects
+    would be orphaned by a later upload); it goes once they are."""
+    svc = start_service(
+        storage=_s3(rgw),
+        retention={"objects_days": 0, "failed_objects_days": 0, "min_free_mb": 0},
+    )
+    rgw.stop_rgw()
+    series = ct_datasets(2, seed=20)
+    storescu(svc, write_all(series, tmp_path / "s"))
+    with svc.engine.begin() as c:
+        c.execute(
+            update(Study).values(
+                state=StudyState.NOT_APPLICABLE,
+                state_changed_at=dt.datetime(2020, 1, 1, tzinfo=dt.UTC),
+            )
+        )
+    assert Retention(svc.engine, svc.settings).run().objects_finished.files == 0
+    assert all(r.uploaded_at is None for r in _rows(svc))
+    rgw.start_rgw()
+    wait_for(lambda: _all_uploaded(svc, 2), timeout=60, what="uploaded")
+    assert Retention(svc.engine, svc.settings).run().objects_finished.files == 2
+    store = S3Store(rgw_storage(rgw))
+    assert all(not store.exists(r.sha256) for r in _rows(svc))
