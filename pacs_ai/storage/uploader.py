@@ -20,12 +20,13 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine, func, select, update
+from prometheus_client.core import GaugeMetricFamily, Metric
+from sqlalchemy import Connection, Engine, func, select, update
 
 from pacs_ai.config import Settings
 from pacs_ai.db.models import Instance, utcnow
@@ -57,17 +58,77 @@ def _waiting() -> tuple[object, ...]:
     return (Instance.uploaded_at.is_(None), Instance.purged_at.is_(None))
 
 
+def _backlog(conn: Connection) -> Backlog:
+    row = conn.execute(
+        select(
+            func.count(Instance.id),
+            func.coalesce(func.sum(Instance.size_bytes), 0),
+            func.min(Instance.received_at),
+        ).where(*_waiting())  # type: ignore[arg-type]
+    ).one()
+    oldest = row[2]
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=dt.UTC)
+    return Backlog(int(row[0]), int(row[1]), oldest)
+
+
 def upload_backlog(engine: Engine) -> Backlog:
     """Count, bytes and receive time of the oldest instance waiting for upload."""
     with engine.connect() as conn:
-        row = conn.execute(
-            select(
-                func.count(Instance.id),
-                func.coalesce(func.sum(Instance.size_bytes), 0),
-                func.min(Instance.received_at),
-            ).where(*_waiting())  # type: ignore[arg-type]
-        ).one()
-    return Backlog(int(row[0]), int(row[1]), row[2])
+        return _backlog(conn)
+
+
+def upload_lag_alert(settings: Settings, engine: Engine) -> str | None:
+    """The console's alert line when the upload lag is above
+    ``storage.upload_lag_alert_seconds`` (None when fine, or no object store)."""
+    if settings.storage.backend != "s3":
+        return None
+    backlog = upload_backlog(engine)
+    lag = backlog.lag_seconds(utcnow())
+    if lag <= settings.storage.upload_lag_alert_seconds:
+        return None
+    return (
+        f"object store upload lag {lag:.0f} s (above storage.upload_lag_alert_seconds = "
+        f"{settings.storage.upload_lag_alert_seconds:g}): {backlog.count} instances, "
+        f"{backlog.bytes // 2**20} MB only in the local buffer"
+    )
+
+
+def upload_metrics(settings: Settings, conn: Connection, now: dt.datetime) -> Iterator[Metric]:
+    """``/metrics`` gauges of the upload backlog (``storage.backend = "s3"``)."""
+    backlog = _backlog(conn)
+    lag = backlog.lag_seconds(now)
+    threshold = settings.storage.upload_lag_alert_seconds
+    yield GaugeMetricFamily(
+        "pacs_ai_upload_pending_instances",
+        "Instances received but not yet in the object store.",
+        value=backlog.count,
+    )
+    yield GaugeMetricFamily(
+        "pacs_ai_upload_pending_bytes",
+        "Bytes only in the local buffer (not yet in the object store).",
+        value=backlog.bytes,
+    )
+    yield GaugeMetricFamily(
+        "pacs_ai_upload_lag_seconds",
+        "Age of the oldest instance not yet in the object store (0 when none waits).",
+        value=lag,
+    )
+    yield GaugeMetricFamily(
+        "pacs_ai_upload_lag_alert",
+        "1 while the upload lag is above storage.upload_lag_alert_seconds.",
+        value=1.0 if lag > threshold else 0.0,
+    )
+    yield GaugeMetricFamily(
+        "pacs_ai_upload_lag_alert_seconds",
+        "The alert threshold (storage.upload_lag_alert_seconds).",
+        value=threshold,
+    )
+    yield GaugeMetricFamily(
+        "pacs_ai_local_buffer_high_watermark_bytes",
+        "Pending bytes above which C-STORE answers 0xA700 (0: no limit).",
+        value=settings.storage.local_buffer_high_watermark_mb * 1024 * 1024,
+    )
 
 
 @dataclass

@@ -40,6 +40,7 @@ from starlette.staticfiles import StaticFiles
 from pacs_ai.db import audit
 from pacs_ai.db.events import write_audit
 from pacs_ai.db.models import Report, StudyState
+from pacs_ai.storage.uploader import upload_lag_alert
 from pacs_ai.web import actions, queries, render
 from pacs_ai.web.context import WebContext
 from pacs_ai.web.health import readiness
@@ -236,6 +237,9 @@ class _Console:
         for c in checks:
             if not c.ok:
                 alerts.append(("danger", f"{c.name}: {c.detail}", "/readyz"))
+        lag = await run_in_threadpool(upload_lag_alert, self.ctx.settings, self.ctx.engine)
+        if lag:
+            alerts.append(("danger", lag, "/metrics"))
         for a in data["model_alerts"]:
             alerts.append(
                 ("danger", f"model {a['model']} ({a['label']}): {a['detail']}", "/models")

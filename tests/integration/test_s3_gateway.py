@@ -9,13 +9,15 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import generate_latest
 from sqlalchemy import select, update
 
 from pacs_ai.db.models import Instance, Study, StudyState
 from pacs_ai.service import Service
 from pacs_ai.storage.objects import S3Store
 from pacs_ai.storage.retention import Retention
-from pacs_ai.storage.uploader import upload_backlog
+from pacs_ai.storage.uploader import upload_backlog, upload_lag_alert
+from pacs_ai.web.metrics import make_registry
 from tests.conftest import ct_datasets, wait_for, write_all
 from tests.integration.conftest import ServiceFactory, rgw_storage
 from tests.integration.rawpeer import encode_dataset
@@ -29,13 +31,12 @@ def _s3(rgw: RgwCluster, **extra: Any) -> dict[str, Any]:
     return storage.model_dump(exclude={"path", "min_free_mb", "s3_cache_path"})
 
 
-def _rows(svc: Service) -> list[Any]:
+def _rows(svc: Service, pending: bool = False) -> list[Any]:
+    q = select(Instance.sha256, Instance.path, Instance.size_bytes, Instance.uploaded_at)
+    if pending:
+        q = q.where(Instance.uploaded_at.is_(None))
     with svc.engine.connect() as c:
-        return list(
-            c.execute(
-                select(Instance.sha256, Instance.path, Instance.uploaded_at).order_by(Instance.id)
-            )
-        )
+        return list(c.execute(q.order_by(Instance.id)))
 
 
 def _all_uploaded(svc: Service, n: int) -> bool:
@@ -68,7 +69,7 @@ def test_storescu_to_s3_every_instance_under_its_sha256(
 def test_rgw_killed_during_ingest_then_back_nothing_lost(
     rgw: RgwCluster, start_service: ServiceFactory, tmp_path: Path
 ) -> None:
-    svc = start_service(storage=_s3(rgw))
+    svc = start_service(storage=_s3(rgw, upload_lag_alert_seconds=0.5))
     assert svc.uploader is not None
     first, second = ct_datasets(4, seed=1), ct_datasets(6, seed=2)
     storescu(svc, write_all(first, tmp_path / "a"))
@@ -83,11 +84,31 @@ def test_rgw_killed_during_ingest_then_back_nothing_lost(
     lag2 = upload_backlog(svc.engine).lag_seconds(dt.datetime.now(dt.UTC))
     assert lag2 > lag1 > 0  # the lag grows while the store is away
     assert sum(r.uploaded_at is None for r in _rows(svc)) == 6
+    # /metrics and the console's alert show it.
+    wait_for(lambda: _metric(svc, "pacs_ai_upload_lag_seconds") > 0.5, timeout=10)
+    assert _metric(svc, "pacs_ai_upload_pending_instances") == 6
+    assert _metric(svc, "pacs_ai_upload_pending_bytes") == sum(
+        r.size_bytes for r in _rows(svc, pending=True)
+    )
+    assert _metric(svc, "pacs_ai_upload_lag_alert") == 1
+    alert = upload_lag_alert(svc.settings, svc.engine)
+    assert alert is not None and "6 instances" in alert
 
     rgw.start_rgw()
     wait_for(lambda: _all_uploaded(svc, 10), timeout=60, what="everything uploaded")
     _assert_in_bucket(svc, S3Store(rgw_storage(rgw)), tmp_path)
     wait_for(lambda: svc.uploader.backlog.count == 0, timeout=5)
+    assert _metric(svc, "pacs_ai_upload_pending_instances") == 0
+    assert _metric(svc, "pacs_ai_upload_lag_alert") == 0
+    assert upload_lag_alert(svc.settings, svc.engine) is None
+
+
+def _metric(svc: Service, name: str) -> float:
+    text = generate_latest(make_registry(svc.settings, svc.engine)).decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
 
 
 def test_local_buffer_over_watermark_answers_out_of_resources(
