@@ -162,6 +162,10 @@ class S3Store:
         import boto3
         from botocore.config import Config
 
+        # botocore's DEBUG lines carry the signed headers and the client's parameters
+        # (credentials included): never below WARNING, whatever logging.level says.
+        for name in ("boto3", "botocore", "s3transfer"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         access_key, secret_key = s3_credentials(os.environ if env is None else env)
         self.bucket = settings.s3_bucket
         self.prefix = settings.s3_prefix
