@@ -20,7 +20,7 @@ from pacs_ai.storage.objects import S3Store
 from pacs_ai.storage.retention import Retention
 from pacs_ai.storage.uploader import upload_backlog, upload_lag_alert
 from pacs_ai.web.metrics import make_registry
-from tests.conftest import ct_datasets, wait_for, write_all
+from tests.conftest import ct_datasets, make_settings, wait_for, write_all
 from tests.integration.conftest import ServiceFactory, rgw_storage
 from tests.integration.rawpeer import encode_dataset
 from tests.integration.rgw import RgwCluster
@@ -218,3 +218,51 @@ def test_retention_waits_for_the_upload(
     assert Retention(svc.engine, svc.settings).run().objects_finished.files == 2
     store = S3Store(rgw_storage(rgw))
     assert all(not store.exists(r.sha256) for r in _rows(svc))
+
+
+@pytest.mark.slow
+def test_a_worker_on_another_host_scores_from_the_bucket(
+    rgw: RgwCluster, start_service: ServiceFactory, tmp_path: Path
+) -> None:
+    """Multi-host: the gateway receives (no pipeline); a worker with its own, empty spool and
+    the same database and bucket scores the study from the object store through its cache."""
+    import numpy as np
+
+    from pacs_ai.training import dicomwriter as dw
+    from pacs_ai.training.phantoms import cxr_phantom
+
+    gateway = start_service(storage=_s3(rgw))
+    img = cxr_phantom("covid", np.random.default_rng(5), 512)
+    dx = dw.xray_image(200 + img * 3500, modality="DX")
+    storescu(gateway, write_all([dx], tmp_path / "dx"))
+    wait_for(lambda: _all_uploaded(gateway, 1), timeout=30, what="uploaded")
+
+    other_host = tmp_path / "worker-host"
+    storage = _s3(rgw) | {
+        "path": str(other_host / "spool"),
+        "s3_cache_path": str(other_host / "cache"),
+        "s3_cache_mb": 64,
+    }
+    settings = make_settings(
+        other_host,
+        str(gateway.settings.database.url),
+        storage=storage,
+        pipeline={"enabled": True, "poll_seconds": 0.2},
+        reports={"path": str(other_host / "reports")},
+    )
+    worker = Service(settings, listener=False)
+    worker.start()
+    try:
+
+        def state() -> StudyState | None:
+            with gateway.engine.connect() as c:
+                return c.scalar(select(Study.state).where(Study.study_uid == dx.StudyInstanceUID))
+
+        wait_for(lambda: state() == StudyState.REPORTED, timeout=90, what="reported")
+    finally:
+        worker.stop()
+    sha = _rows(gateway)[0].sha256
+    assert [p.name for p in (other_host / "cache").glob("*/*")] == [f"{sha}.dcm"]
+    assert not (other_host / "spool" / "objects").exists() or not list(
+        (other_host / "spool" / "objects").rglob("*.dcm")
+    )
