@@ -168,6 +168,8 @@ class StorageSettings(_Section):
     # Workers' bounded read cache of downloaded objects (least recently used evicted).
     s3_cache_path: Path = Path("var/s3-cache")
     s3_cache_mb: Annotated[int, Field(ge=1)] = 2048
+    # A worker waits this long for an object the gateway has not uploaded yet.
+    s3_read_wait_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
     # Not-yet-uploaded bytes above this refuse new C-STOREs (0xA700) and associations; 0: off.
     local_buffer_high_watermark_mb: Annotated[int, Field(ge=0)] = 0
     # Local copies of uploaded instances are deleted this long after their upload (the

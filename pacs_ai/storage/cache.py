@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pacs_ai.config import StorageSettings
-from pacs_ai.storage.objects import ObjectStore, check_sha256, open_store
+from pacs_ai.storage.objects import ObjectMissing, ObjectStore, check_sha256, open_store
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,12 @@ InstanceReader = Callable[[str, str], Path]
 class ObjectCache:
     """Downloaded objects under ``root/ab/<sha256>.dcm``, at most ``max_bytes`` in all."""
 
-    def __init__(self, root: Path, max_bytes: int, store: ObjectStore) -> None:
+    def __init__(
+        self, root: Path, max_bytes: int, store: ObjectStore, wait_seconds: float = 0.0
+    ) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        self.wait_seconds = wait_seconds
         self._store = store
         self._lock = threading.Lock()
         # sha256 -> (size, last use, monotonic); least recently used first.
@@ -78,7 +81,7 @@ class ObjectCache:
                 self._entries[sha256] = (entry[0], time.monotonic())
                 self.hits += 1
                 return dest
-        self._store.fetch(sha256, dest)  # atomic: a temporary name, verified, renamed
+        self._fetch(sha256, dest)
         size = dest.stat().st_size
         with self._lock:
             self.misses += 1
@@ -89,6 +92,22 @@ class ObjectCache:
             self.bytes += size
             self._evict(sha256)
         return dest
+
+    def _fetch(self, sha256: str, dest: Path) -> None:
+        """Download (atomic: a temporary name, verified, renamed). An object not there yet
+        (the gateway's uploader is a moment behind assembly) is waited for, polling, up to
+        ``wait_seconds``; then :class:`ObjectMissing` fails the job, which is retried."""
+        deadline = time.monotonic() + self.wait_seconds
+        pause = 0.1
+        while True:
+            try:
+                self._store.fetch(sha256, dest)
+                return
+            except ObjectMissing:
+                if time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)  # bounded by wait_seconds
+            pause = min(2.0, pause * 2)
 
     def _evict(self, keep: object) -> None:
         """Delete least recently used files until the cache fits (caller holds the lock)."""
@@ -133,7 +152,10 @@ def instance_reader(settings: StorageSettings) -> InstanceReader:
         with cache_lock:
             if cache is None:  # first use: credentials are read here, not at import
                 cache = ObjectCache(
-                    settings.s3_cache_path, settings.s3_cache_mb * 1024 * 1024, open_store(settings)
+                    settings.s3_cache_path,
+                    settings.s3_cache_mb * 1024 * 1024,
+                    open_store(settings),
+                    settings.s3_read_wait_seconds,
                 )
         return cache.get(sha256)
 

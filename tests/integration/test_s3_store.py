@@ -4,6 +4,7 @@ conditional writes, verified downloads, the bounded cache."""
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import boto3
@@ -166,3 +167,19 @@ def test_instance_reader_prefers_the_spool_then_the_bucket(rgw: RgwCluster, tmp_
     assert cached.read_bytes() == content
     with pytest.raises(ValueError):
         read(sha, "../../etc/passwd")
+
+
+def test_cache_waits_for_an_object_not_uploaded_yet(rgw: RgwCluster, tmp_path: Path) -> None:
+    """A worker can be a moment ahead of the gateway's uploader: it polls for the object."""
+    store = S3Store(rgw_storage(rgw))
+    sha, path = _part10(tmp_path, b"\x08\x00\x16\x00" + b"w" * 400)
+    cache = ObjectCache(tmp_path / "cache", 1 << 20, store, wait_seconds=20)
+    uploader = threading.Timer(1.0, store.put_if_absent, (sha, path))
+    uploader.start()
+    try:
+        assert cache.get(sha).read_bytes() == path.read_bytes()
+    finally:
+        uploader.join()
+    impatient = ObjectCache(tmp_path / "cache2", 1 << 20, store, wait_seconds=0.5)
+    with pytest.raises(ObjectMissing):
+        impatient.get("0" * 64)
