@@ -58,9 +58,10 @@ def test_storescu_to_s3_every_instance_under_its_sha256(
     start_service: ServiceFactory,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    db_url: str,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    svc = start_service(storage=_s3(rgw))
+    svc = start_service(db_url, storage=_s3(rgw))
     files = write_all(ct_datasets(8), tmp_path / "in")
     storescu(svc, files)
     wait_for(lambda: _all_uploaded(svc, 8), timeout=30, what="8 instances uploaded")
