@@ -267,3 +267,25 @@ def test_a_worker_on_another_host_scores_from_the_bucket(
     assert not (other_host / "spool" / "objects").exists() or not list(
         (other_host / "spool" / "objects").rglob("*.dcm")
     )
+
+
+def test_the_queue_survives_a_restart_and_a_put_whose_mark_was_lost(
+    rgw: RgwCluster, start_service: ServiceFactory, tmp_path: Path
+) -> None:
+    """The rows are the queue: instances received while the store was away are uploaded by
+    the next process; one already put before a crash (row not marked) is confirmed by its
+    412 and content check, not uploaded twice."""
+    first = start_service(storage=_s3(rgw))
+    rgw.stop_rgw()
+    storescu(first, write_all(ct_datasets(3, seed=30), tmp_path / "s"))
+    assert [r.uploaded_at for r in _rows(first)] == [None, None, None]
+    first.stop()
+    rgw.start_rgw()
+    store = S3Store(rgw_storage(rgw))
+    crashed = _rows(first)[0]  # put, then the process died before marking the row
+    assert store.put_if_absent(crashed.sha256, first.spool.root / crashed.path).value == "created"
+
+    second = start_service(storage=_s3(rgw))  # same database and spool, a new process
+    wait_for(lambda: _all_uploaded(second, 3), timeout=30, what="uploaded after restart")
+    assert second.uploader is not None and second.uploader.uploaded == 3
+    _assert_in_bucket(second, store, tmp_path)
