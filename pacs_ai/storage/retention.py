@@ -320,7 +320,8 @@ class Retention:
                     conn.execute(
                         update(Instance)
                         .where(Instance.study_id == study_id, Instance.purged_at.is_(None))
-                        .values(purged_at=now)
+                        # Its object goes too: an instance received again is uploaded again.
+                        .values(purged_at=now, uploaded_at=None)
                         .returning(Instance.id, Instance.path, Instance.sha256)
                     ).all()
                     if still is not None

@@ -191,6 +191,10 @@ def test_retention_deletes_uploaded_objects_and_local_copies(
     assert all(r.purged_at is None and store.exists(r.sha256) for r in kept)
     # local_keep_seconds = 0: the other study's local copies went (the bucket has them).
     assert not any((svc.spool.root / r.path).exists() for r in rows)
+    # The purged study sent again: stored locally, uploaded again.
+    storescu(svc, write_all(studies[0], tmp_path / "again"))
+    wait_for(lambda: _all_uploaded(svc, 5), timeout=30, what="the re-sent study uploaded")
+    assert all(store.exists(r.sha256) for r in purged)
 
 
 def test_retention_waits_for_the_upload(
