@@ -20,9 +20,9 @@ from pacs_ai.storage.objects import S3Store
 from pacs_ai.storage.retention import Retention
 from pacs_ai.storage.uploader import upload_backlog, upload_lag_alert
 from pacs_ai.web.metrics import make_registry
-from tests.conftest import ct_datasets, make_settings, wait_for, write_all
+from tests.conftest import SCU_AE, ct_datasets, make_settings, wait_for, write_all
 from tests.integration.conftest import ServiceFactory, rgw_storage
-from tests.integration.rawpeer import encode_dataset
+from tests.integration.rawpeer import EXPLICIT_LE, RawPeer, Rejected, encode_dataset
 from tests.integration.rgw import RgwCluster
 from tests.integration.test_e2e import storescu
 from tests.integration.test_ingest import CT, _raw
@@ -145,6 +145,10 @@ def test_local_buffer_over_watermark_answers_out_of_resources(
     stored = len(statuses) - 1
     assert len(_rows(svc)) == stored  # the refused one was not recorded
     raw.release()
+    # While the buffer is full, as with a full disk: new associations are rejected (2,3,2).
+    assert RawPeer("127.0.0.1", svc.server.port).associate(  # type: ignore[union-attr]
+        SCU_AE, contexts=[(CT, [EXPLICIT_LE])]
+    ) == Rejected(2, 3, 2)
 
     rgw.start_rgw()
     wait_for(lambda: _all_uploaded(svc, stored), timeout=60, what="the backlog uploaded")
