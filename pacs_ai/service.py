@@ -21,6 +21,7 @@ from pacs_ai.ingest.spool import Spool
 from pacs_ai.pipeline import Pipeline
 from pacs_ai.scheduler import Scheduler
 from pacs_ai.storage.objects import S3Store
+from pacs_ai.storage.reports import ReportUploader
 from pacs_ai.storage.retention import Retention
 from pacs_ai.storage.uploader import Uploader
 
@@ -64,9 +65,14 @@ class Service:
 
         # storage.backend = "s3": the spool is the write-ahead buffer; uploads run here.
         self.uploader: Uploader | None = None
-        if listener and settings.storage.backend == "s3":
-            self.uploader = Uploader(self.engine, settings, S3Store(settings.storage))
-            self.spool.buffer_guard = self.uploader.check_buffer
+        self.report_uploader: ReportUploader | None = None
+        if settings.storage.backend == "s3":
+            store = S3Store(settings.storage)
+            if listener:
+                self.uploader = Uploader(self.engine, settings, store)
+                self.spool.buffer_guard = self.uploader.check_buffer
+            if self.pipeline is not None:  # report files are made here: put them there too
+                self.report_uploader = ReportUploader(self.engine, settings, store)
         self.http = self._make_http() if settings.http.enabled else None
 
     # --- HTTP face: console, /metrics, /healthz, /readyz (issue 9) ---------------------------
@@ -128,6 +134,8 @@ class Service:
         if self.uploader is not None:
             self.uploader.refresh()  # the buffer guard counts from the first association
             self.uploader.start()
+        if self.report_uploader is not None:
+            self.report_uploader.start()
         if self.assembler is not None:
             self.scheduler.every(
                 ASSEMBLY_JOB, self.settings.assembly.sweep_interval_seconds, self.assembler.sweep
@@ -187,6 +195,8 @@ class Service:
             self.uploader.stop()
         if self.pipeline is not None:
             self.pipeline.stop()
+        if self.report_uploader is not None:
+            self.report_uploader.stop()
         self.scheduler.shutdown()
         self.engine.dispose()
 

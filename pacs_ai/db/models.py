@@ -271,6 +271,9 @@ class Report(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     # Set when retention deleted the file (the row stays as history).
     purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # With storage.backend = "s3": when the file was put in the bucket (reports/<path>), so
+    # a delivery or the console on another host can read it.
+    uploaded_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)
 
 
 class Delivery(Base):

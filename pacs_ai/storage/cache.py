@@ -55,6 +55,8 @@ class ObjectCache:
         self.root.mkdir(parents=True, exist_ok=True)
         found: list[tuple[float, str, int]] = []
         for p in self.root.glob("*/*"):
+            if not p.is_file() or (len(p.stem) != 64 and not p.name.startswith(".")):
+                continue  # not ours (the reports cache's folder beside the instances')
             if p.name.startswith("."):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
@@ -71,8 +73,9 @@ class ObjectCache:
         check_sha256(sha256)
         return self.root / sha256[:2] / f"{sha256}.dcm"
 
-    def get(self, sha256: str) -> Path:
-        """The cached file of ``sha256``, downloaded first when absent."""
+    def get(self, sha256: str, fetch: Callable[[Path], None] | None = None) -> Path:
+        """The cached file of ``sha256``, downloaded first when absent (by ``fetch(dest)``
+        when given: a named object such as a report, cached under the hash of its name)."""
         dest = self.path(sha256)
         with self._lock:
             entry = self._entries.get(sha256)
@@ -81,7 +84,10 @@ class ObjectCache:
                 self._entries[sha256] = (entry[0], time.monotonic())
                 self.hits += 1
                 return dest
-        self._fetch(sha256, dest)
+        if fetch is not None:
+            fetch(dest)
+        else:
+            self._fetch(sha256, dest)
         size = dest.stat().st_size
         with self._lock:
             self.misses += 1

@@ -21,6 +21,7 @@ import enum
 import hashlib
 import logging
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ from pacs_ai.ingest.spool import dataset_sha256
 log = logging.getLogger(__name__)
 
 _HEX = frozenset("0123456789abcdef")
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _CHUNK = 1 << 20
 
 
@@ -210,6 +212,80 @@ class S3Store:
             raise ObjectStoreError(f"S3 {what}: HTTP {status} {code}") from exc
         except BotoCoreError as exc:  # connection refused, timeout, ...
             raise ObjectStoreUnavailable(f"S3 {what}: {exc.__class__.__name__}") from exc
+
+    # --- files under a name (reports): reports/<relative path> ---------------------------
+
+    def _named(self, name: str) -> str:
+        if not _NAME_RE.match(name) or ".." in name.split("/"):
+            raise ValueError("not a safe object name")
+        return f"{self.prefix}{name}"
+
+    def _call_named(self, what: str, name: str, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return getattr(self._client, what)(Bucket=self.bucket, Key=self._named(name), **kwargs)
+        except ClientError as exc:
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if status == 412:
+                raise ObjectConflict("object exists") from exc
+            if status == 404:
+                raise ObjectMissing("no such object") from exc
+            if status >= 500 or status in (0, 408, 429):
+                raise ObjectStoreUnavailable(f"S3 {what}: HTTP {status} {code}") from exc
+            raise ObjectStoreError(f"S3 {what}: HTTP {status} {code}") from exc
+        except BotoCoreError as exc:
+            raise ObjectStoreUnavailable(f"S3 {what}: {exc.__class__.__name__}") from exc
+
+    def put_named(self, name: str, source: Path) -> PutOutcome:
+        """Put an immutable file (a report) under ``name`` unless it is there; an existing
+        object counts only when its ETag is this file's MD5 (a single-part put)."""
+        md5 = _md5_b64(source)
+        try:
+            with source.open("rb") as body:
+                self._call_named("put_object", name, Body=body, IfNoneMatch="*", ContentMD5=md5)
+        except ObjectConflict:
+            head = self._call_named("head_object", name)
+            etag = str(head.get("ETag", "")).strip('"')
+            if etag != base64.b64decode(md5).hex():
+                raise ObjectConflict("a different object exists under that name") from None
+            return PutOutcome.EXISTED
+        return PutOutcome.CREATED
+
+    def fetch_named(self, name: str, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            resp = self._call_named("get_object", name)
+            body = resp["Body"]
+            try:
+                with tmp.open("wb") as f:
+                    while chunk := body.read(_CHUNK):
+                        f.write(chunk)
+            except OSError:
+                raise
+            except Exception as exc:
+                raise ObjectStoreUnavailable(f"S3 get_object: {exc.__class__.__name__}") from exc
+            finally:
+                body.close()
+            os.replace(tmp, dest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def delete_named(self, name: str) -> None:
+        with contextlib.suppress(ObjectMissing):
+            self._call_named("delete_object", name)
+
+    def exists_named(self, name: str) -> bool:
+        try:
+            self._call_named("head_object", name)
+        except ObjectMissing:
+            return False
+        return True
+
+    # --- instances: under their sha256 ------------------------------------------------------
 
     def put_if_absent(self, sha256: str, source: Path) -> PutOutcome:
         md5 = _md5_b64(source)

@@ -63,7 +63,8 @@ from pacs_ai.db.models import (
     StudyState,
     utcnow,
 )
-from pacs_ai.storage.objects import ObjectStore, open_store
+from pacs_ai.storage.objects import ObjectStore, S3Store, open_store
+from pacs_ai.storage.reports import report_key
 from pacs_ai.storage.uploader import evict_uploaded
 
 log = logging.getLogger(__name__)
@@ -371,6 +372,8 @@ class Retention:
         )
         terminal = exists().where(Study.id == Report.study_id, Study.state.in_(_TERMINAL))
         due = and_(Report.purged_at.is_(None), Report.created_at <= cutoff, ~undelivered, terminal)
+        if self._store is not None:  # the object goes too, so only once it is there
+            due = and_(due, Report.uploaded_at.is_not(None))
         with self._engine.connect() as conn:
             studies = list(conn.scalars(select(Report.study_id).where(due).distinct()))
         for study_id in studies:
@@ -393,6 +396,9 @@ class Retention:
                 paths += [p.with_suffix(".png") for p in paths if p.with_suffix(".png").exists()]
                 nbytes = sum(_file_size(p) for p in paths)
                 if not dry_run:
+                    if isinstance(self._store, S3Store):  # first: a failure rolls back
+                        for r in rows:
+                            self._store.delete_named(report_key(r.path))
                     for p in paths:
                         _unlink(p)
                     for folder in {p.parent for p in paths}:

@@ -14,9 +14,10 @@ import pytest
 from prometheus_client import generate_latest
 from sqlalchemy import select, update
 
-from pacs_ai.db.models import Instance, Study, StudyState
+from pacs_ai.db.models import Instance, Report, Study, StudyState
 from pacs_ai.service import Service
 from pacs_ai.storage.objects import S3Store
+from pacs_ai.storage.reports import report_reader
 from pacs_ai.storage.retention import Retention
 from pacs_ai.storage.uploader import upload_backlog, upload_lag_alert
 from pacs_ai.web.metrics import make_registry
@@ -271,10 +272,36 @@ def test_a_worker_on_another_host_scores_from_the_bucket(
     finally:
         worker.stop()
     sha = _rows(gateway)[0].sha256
-    assert [p.name for p in (other_host / "cache").glob("*/*")] == [f"{sha}.dcm"]
+    assert [p.name for p in (other_host / "cache").glob("*/*") if p.is_file()] == [f"{sha}.dcm"]
     assert not (other_host / "spool" / "objects").exists() or not list(
         (other_host / "spool" / "objects").rglob("*.dcm")
     )
+
+    # The worker's report file went to the bucket (reports/<path>) ...
+    def reports() -> list[Any]:
+        with gateway.engine.connect() as c:
+            return list(c.execute(select(Report.path, Report.uploaded_at, Report.kind)))
+
+    wait_for(
+        lambda: reports() and all(r.uploaded_at is not None for r in reports()),
+        timeout=30,
+        what="reports uploaded",
+    )
+    rel = next(r.path for r in reports() if r.kind == "sr")
+    made = (other_host / "reports" / rel).read_bytes()
+    store = S3Store(rgw_storage(rgw))
+    assert all(store.exists_named(f"reports/{r.path}") for r in reports())
+    # ... so the gateway (no such file on its disk) reads it for a delivery or the console.
+    assert not (gateway.settings.reports.path / rel).exists()
+    fetched = report_reader(gateway.settings)(rel)
+    assert fetched.is_relative_to(gateway.settings.storage.s3_cache_path)
+    assert fetched.read_bytes() == made
+    # Retention deletes the report's object with it.
+    settings = gateway.settings.model_copy(
+        update={"retention": gateway.settings.retention.model_copy(update={"reports_days": 0})}
+    )
+    assert Retention(gateway.engine, settings).run().reports.files == len(reports())
+    assert not any(store.exists_named(f"reports/{r.path}") for r in reports())
 
 
 def test_the_queue_survives_a_restart_and_a_put_whose_mark_was_lost(

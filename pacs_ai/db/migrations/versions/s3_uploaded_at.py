@@ -1,4 +1,4 @@
-"""instances.uploaded_at: the S3 uploader's queue
+"""instances.uploaded_at and reports.uploaded_at: the S3 uploaders' queues
 
 Revision ID: s3
 Revises: honesty
@@ -19,15 +19,22 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+_TABLES = ("instances", "reports")
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("instances", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column("uploaded_at", pacs_ai.db.models.UTCDateTime(timezone=True), nullable=True)
-        )
-        batch_op.create_index(batch_op.f("ix_instances_uploaded_at"), ["uploaded_at"], unique=False)
+    for table in _TABLES:
+        with op.batch_alter_table(table, schema=None) as batch_op:
+            batch_op.add_column(
+                sa.Column(
+                    "uploaded_at", pacs_ai.db.models.UTCDateTime(timezone=True), nullable=True
+                )
+            )
+            batch_op.create_index(batch_op.f(f"ix_{table}_uploaded_at"), ["uploaded_at"])
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("instances", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_instances_uploaded_at"))
-        batch_op.drop_column("uploaded_at")
+    for table in _TABLES:
+        with op.batch_alter_table(table, schema=None) as batch_op:
+            batch_op.drop_index(batch_op.f(f"ix_{table}_uploaded_at"))
+            batch_op.drop_column("uploaded_at")
