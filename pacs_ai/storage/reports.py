@@ -63,6 +63,8 @@ class ReportUploader:
                 .order_by(Report.id)
                 .limit(self._cfg.upload_batch + len(self._elsewhere))
             ).all()
+        # Forget rows no longer waiting (uploaded by their host, purged): the set stays small.
+        self._elsewhere &= {rid for rid, _rel in rows}
         done: list[int] = []
         for rid, rel in rows:
             if rid in self._elsewhere:

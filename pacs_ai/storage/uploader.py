@@ -191,9 +191,10 @@ class Uploader:
                 .order_by(Instance.id)
                 .limit(self._cfg.upload_batch + len(self._skip))
             ).all()
-        items = [_Item(r.id, r.sha256, r.path) for r in rows if self._skip.get(r.id, 0.0) <= now_m][
-            : self._cfg.upload_batch
-        ]
+        waiting = {r.id for r in rows}
+        self._skip = {k: v for k, v in self._skip.items() if k in waiting}  # stays small
+        due = [r for r in rows if self._skip.get(r.id, 0.0) <= now_m]
+        items = [_Item(r.id, r.sha256, r.path) for r in due[: self._cfg.upload_batch]]
         if not items:
             return 0
         done: list[str] = []

@@ -183,3 +183,23 @@ def test_cache_waits_for_an_object_not_uploaded_yet(rgw: RgwCluster, tmp_path: P
     impatient = ObjectCache(tmp_path / "cache2", 1 << 20, store, wait_seconds=0.5)
     with pytest.raises(ObjectMissing):
         impatient.get("0" * 64)
+
+
+def test_named_objects_for_report_files(rgw: RgwCluster, tmp_path: Path) -> None:
+    store = S3Store(rgw_storage(rgw))
+    report = tmp_path / "sr.dcm"
+    report.write_bytes(b"report bytes" * 100)
+    name = "reports/2026-12-02/study-1/sr-rev0-abc.dcm"
+    assert store.put_named(name, report) is PutOutcome.CREATED
+    assert store.put_named(name, report) is PutOutcome.EXISTED  # a retry: same bytes
+    other = tmp_path / "other.dcm"
+    other.write_bytes(b"something else")
+    with pytest.raises(ObjectConflict):
+        store.put_named(name, other)
+    store.fetch_named(name, tmp_path / "out" / "sr.dcm")
+    assert (tmp_path / "out" / "sr.dcm").read_bytes() == report.read_bytes()
+    for bad in ("../x", "reports/../../x", "/abs", "a//b", "reports/a b"):
+        with pytest.raises(ValueError):
+            store.put_named(bad, report)
+    store.delete_named(name)
+    assert not store.exists_named(name)
