@@ -243,6 +243,9 @@ class Spool:
         self.quarantine_dir = root / "quarantine"
         self._resolved_root = root.resolve()
         self._dirs: set[Path] = set()  # object directories known to exist (see ensure_dir)
+        # With an object store behind the spool: raises OutOfResources while the local
+        # buffer is above its watermark (pacs_ai.storage.uploader.Uploader.check_buffer).
+        self.buffer_guard: Callable[[], None] | None = None
 
     def prepare(self) -> int:
         """Create the layout; remove files left half-written in ``tmp/`` (none of them was
@@ -290,6 +293,8 @@ class Spool:
             _raise_io(exc, "checking free space")
         if self.min_free_bytes and free < self.min_free_bytes:
             raise OutOfResources("free disk space below storage.min_free_mb")
+        if self.buffer_guard is not None:
+            self.buffer_guard()
 
     def remove(self, stored: StoredFile) -> None:
         """Undo a commit whose database row could not be written."""
