@@ -30,7 +30,7 @@ from typing import Any
 
 from pacs_ai.config import Settings
 from pacs_ai.errors import StartupError, WorkerFailed, safe_reason
-from pacs_ai.scoring import ModelSummary, StudyAnalysis, StudyRequest
+from pacs_ai.scoring import ModelProvider, ModelSummary, StudyAnalysis, StudyRequest
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,6 @@ def _child_main(conn: Connection, settings: Settings, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     _limit_memory(settings)
     from pacs_ai.logs import configure_logging
-    from pacs_ai.scoring import ModelProvider, analyse_study
     from pacs_ai.startup import model_keys, model_problem
 
     configure_logging(settings.logging)
@@ -244,6 +243,15 @@ def _child_main(conn: Connection, settings: Settings, parent_pid: int) -> None:
             _send(conn, ("load_failed", model_problem(settings, key, exc)))
             return
     conn.send(("ready", os.getpid(), loaded))
+    try:
+        _serve(conn, settings, models)
+    finally:
+        models.close()  # the decode processes
+
+
+def _serve(conn: Connection, settings: Settings, models: ModelProvider) -> None:
+    from pacs_ai.scoring import analyse_study
+
     while True:
         try:
             request = conn.recv()

@@ -111,9 +111,7 @@ def decode_dataset(
     width = _table_bits(ds)
     if width is not None and stored.dtype.kind in "iu" and stored.dtype.itemsize * 8 == width:
         unsigned = np.uint8 if width == 8 else np.uint16
-        return Decoded(
-            spacing, bits=stored.view(unsigned), table=_table(ds, kind, windows, frame)
-        )
+        return Decoded(spacing, bits=stored.view(unsigned), table=_table(ds, kind, windows, frame))
     if kind == "cxr":
         planes = display_values(stored, ds)[None]
     else:
@@ -190,6 +188,8 @@ def _read_native(
     if elem.length < per_frame * frames:
         raise ImagingError("Pixel Data is shorter than the image geometry declares")
     if elem.value is not None:
+        if len(elem.value) < per_frame * frames:
+            raise ImagingError("Pixel Data runs past the end of the file")
         bits = np.frombuffer(elem.value, dtype=dtype, count=count, offset=index * per_frame)
     else:
         try:
@@ -235,8 +235,10 @@ def finish(items: list[Decoded], size: int, device: torch.device | str = "cpu") 
     for i, item in enumerate(items):
         groups[(*item.shape, item.spacing)].append(i)
     for (_, _, spacing), members in groups.items():
-        src = planes[members[0]][None] if len(members) == 1 else torch.stack(
-            [planes[i] for i in members]
+        src = (
+            planes[members[0]][None]
+            if len(members) == 1
+            else torch.stack([planes[i] for i in members])
         )
         fitted, _ = letterbox(src, size, spacing, pad=0.0)
         if len(members) == 1:
@@ -269,3 +271,26 @@ def _planes(item: Decoded, dev: torch.device) -> torch.Tensor:
     else:
         index = torch.from_numpy(item.bits.astype(np.int32))
     return table.index_select(1, index.reshape(-1)).reshape(table.shape[0], h, w)
+
+
+@dataclass(frozen=True)
+class PrepTask:
+    """One image to prepare, as sent to a decode process: the file, its frame, "cxr"/"ct",
+    the CT windows, the model's input size, and whether to finish it there (CPU models)."""
+
+    path: Path
+    frame: int | None
+    kind: str
+    windows: tuple[tuple[float, float], ...]
+    size: int
+    finish_here: bool
+
+
+def prepare_task(task: PrepTask) -> np.ndarray | Decoded:
+    """Run in a decode process (or thread): the finished (C, size, size) float32 input when
+    ``task.finish_here`` (the model is on the CPU), else the :class:`Decoded` image for
+    :func:`finish` on the model's device."""
+    decoded = decode_file(task.path, task.kind, task.windows, task.frame)
+    if not task.finish_here:
+        return decoded
+    return finish([decoded], task.size)[0].numpy()
