@@ -11,8 +11,9 @@ in flight, so memory is bounded by ``depth`` decoded images. Each process:
 - exits when the process that started it is gone (it watches its parent's pid).
 
 A decode process that dies (signal, out of memory) or gives no answer within ``timeout``
-seconds (plus ``STARTUP_SECONDS`` for the first answer of fresh processes) fails the whole call with :class:`~pacs_ai.errors.DecodeProcessFailed`; the pool is
-then discarded (its processes killed) and started afresh on the next call.
+seconds (plus ``STARTUP_SECONDS`` for the first answer of fresh processes) fails the whole
+call with :class:`~pacs_ai.errors.DecodeProcessFailed`; the pool is then discarded (its
+processes killed) and started afresh on the next call.
 """
 
 from __future__ import annotations
