@@ -229,6 +229,9 @@ def _death(code: int | None, settings: Settings) -> str:
 def _child_main(conn: Connection, settings: Settings, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     _limit_memory(settings)
+    # The parent keeps us daemonic (terminated with it); here we may start decode processes
+    # (pacs_ai.inference.decodepool), which a daemonic process may not. They watch our pid.
+    multiprocessing.current_process().daemon = False
     from pacs_ai.logs import configure_logging
     from pacs_ai.startup import model_keys, model_problem
 

@@ -397,18 +397,18 @@ def _prefetch(
     if pool is not None:
         yield from pool.map(fn, items, depth)
         return
-    with ThreadPoolExecutor(max_workers=_PREP_WORKERS, thread_name_prefix="pacs-ai-prep") as pool:
+    with ThreadPoolExecutor(max_workers=_PREP_WORKERS, thread_name_prefix="pacs-ai-prep") as threads:
         queue: deque[Future[_R]] = deque()
         source = iter(items)
         for item in source:
-            queue.append(pool.submit(fn, item))
+            queue.append(threads.submit(fn, item))
             if len(queue) >= depth:
                 break
         while queue:
             result = queue.popleft().result()
             nxt = next(source, None)
             if nxt is not None:
-                queue.append(pool.submit(fn, nxt))
+                queue.append(threads.submit(fn, nxt))
             yield result
 
 
