@@ -115,3 +115,23 @@ def test_series_are_decoded_in_the_pool_with_the_same_scores(
     assert _wait_gone(pids)
     with pytest.raises(DecodeProcessFailed, match="closed"):
         list(pool.map(_pid, [1], depth=1))
+
+
+def test_the_scoring_models_share_one_pool_that_close_stops(tmp_path: Path) -> None:
+    from pacs_ai.config import InferenceSettings, Settings
+    from pacs_ai.scoring import ModelProvider
+
+    settings = Settings(inference=InferenceSettings(device="cpu", decode_processes=1))
+    models = ModelProvider(settings)
+    cxr, ct = models.get("cxr"), models.get("ct")
+    assert cxr.decode_pool is not None and cxr.decode_pool is ct.decode_pool
+    pool = cxr.decode_pool
+    assert pool.processes == 1
+    cxr.score_series([_write_cxr(tmp_path, 2)], heatmaps=False)
+    pids = pool.pids
+    assert len(pids) == 1
+    models.close()
+    assert cxr.decode_pool is None and ct.decode_pool is None
+    assert _wait_gone(pids)
+    threads = ModelProvider(Settings(inference=InferenceSettings(device="cpu", decode_processes=0)))
+    assert threads.get("cxr").decode_pool is None

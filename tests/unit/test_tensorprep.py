@@ -145,6 +145,10 @@ def test_truncated_pixel_data_is_an_imaging_error(tmp_path: Path) -> None:
     cut.write_bytes(path.read_bytes()[:-1000])
     with pytest.raises(ImagingError):
         decode_file(cut, "cxr")
+    small = _data("MR_small.dcm")  # 8 KB of pixels: read with the header, not deferred
+    cut.write_bytes(small.read_bytes()[:-500])
+    with pytest.raises(ImagingError):
+        decode_file(cut, "cxr")
 
 
 def test_prepare_functions_are_the_tensor_path_and_batches_agree() -> None:
