@@ -227,6 +227,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def _time_once(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def _single_thread_s(fn: Callable[[], object], repeat: int) -> float:
     """Median seconds of ``fn`` on one torch thread: its CPU cost on one core."""
     threads = torch.get_num_threads()
@@ -245,25 +251,40 @@ def _pipeline(
     series = [[p] for p in dx]
     processes = auto_processes(args.decode_processes)
     pool = DecodePool(processes) if processes > 0 else None
+    rounds: dict[str, list[float]] = {"model": [], "threads": [], "processes": [], "serial": []}
     try:
         inputs = np.stack([xray_input(read_dataset(p), spec) for p in dx])
-        # model only: the same images, already preprocessed, at the configured precision
-        model_only = _median_time(lambda: cxr.predict(inputs), 3)
-        cxr.decode_pool = None
-        threads = _median_time(lambda: cxr.score_series(series, heatmaps=False), 3)
-        cxr.decode_pool = ctm.decode_pool = pool
-        procs = _median_time(lambda: cxr.score_series(series, heatmaps=False), 3)
+        cxr.predict(inputs)  # warm
+        cxr.decode_pool = pool
+        cxr.score_series(series, heatmaps=False)  # starts the decode processes
+        # Rounds interleave the variants, so load from other programs on a shared machine
+        # hits them alike; ratios are taken within each round, then the median.
+        for r in range(args.rounds):
+            rounds["model"].append(_time_once(lambda: cxr.predict(inputs)))
+            cxr.decode_pool = None
+            rounds["threads"].append(_time_once(lambda: cxr.score_series(series, heatmaps=False)))
+            cxr.decode_pool = pool
+            rounds["processes"].append(_time_once(lambda: cxr.score_series(series, heatmaps=False)))
+            if r < 2:  # the old serial numpy path, for comparison only
+                rounds["serial"].append(
+                    _time_once(
+                        lambda: cxr.predict(
+                            np.stack([xray_input_reference(read_dataset(p), spec.size) for p in dx])
+                        )
+                    )
+                )
+        ctm.decode_pool = pool
         ct_s = _median_time(lambda: ctm.score_series([ct], heatmaps=False), 3)
-        serial_ref = _median_time(
-            lambda: cxr.predict(
-                np.stack([xray_input_reference(read_dataset(p), spec.size) for p in dx])
-            ),
-            3,
-        )
     finally:
         cxr.decode_pool = ctm.decode_pool = None
         if pool is not None:
             pool.close()
+    model_only = statistics.median(rounds["model"])
+    procs = statistics.median(rounds["processes"])
+    threads = statistics.median(rounds["threads"])
+    serial_ref = statistics.median(rounds["serial"])
+    ratio_p = [m / x for m, x in zip(rounds["model"], rounds["processes"], strict=True)]
+    ratio_t = [m / x for m, x in zip(rounds["model"], rounds["threads"], strict=True)]
     task = PrepTask(dx[0], None, "cxr", (), spec.size, True)
     prep_core_s = _single_thread_s(lambda: prepare_task(task), 5)
     ref_core_s = _single_thread_s(lambda: xray_input_reference(read_dataset(dx[0]), spec.size), 5)
@@ -277,15 +298,17 @@ def _pipeline(
         "pipeline_processes_img_s": n / procs,
         "pipeline_threads_img_s": n / threads,
         "pipeline_serial_reference_img_s": n / serial_ref,
-        "ratio_processes": model_only / procs,
-        "ratio_threads": model_only / threads,
+        "rounds": args.rounds,
+        "ratio_processes": statistics.median(ratio_p),  # median of the per-round ratios
+        "ratio_threads": statistics.median(ratio_t),
         "prep_core_ms_per_image": 1000 * prep_core_s,
         "reference_prep_core_ms_per_image": 1000 * ref_core_s,
         "ct_series_s": ct_s,
     }
     if cxr.device == "cpu":
         # the model uses every torch thread: its core-ms per image; with preprocessing on the
-        # same cores the best ratio is model / (model + preprocessing) per image
+        # same cores the best ratio is model / (model + preprocessing) per image (load from
+        # other programs inflates both the model's and the preprocessing's times)
         model_core_ms = 1000 * torch.get_num_threads() * model_only / n
         out["model_core_ms_per_image"] = model_core_ms
         out["cpu_bound_ratio"] = model_core_ms / (model_core_ms + out["prep_core_ms_per_image"])
@@ -404,6 +427,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=4.0, help="per throughput point")
     parser.add_argument("--dx-images", type=int, default=32)
+    parser.add_argument(
+        "--rounds", type=int, default=7, help="interleaved pipeline rounds (median)"
+    )
     parser.add_argument(
         "--decode-processes", default="auto", help='"auto" (one per core, at most 8) or N'
     )

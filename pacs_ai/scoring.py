@@ -130,9 +130,12 @@ class ModelProvider:
             pool.close()
 
     def _decode_pool(self) -> DecodePool | None:
+        from pacs_ai.inference import select_device
         from pacs_ai.inference.decodepool import DecodePool, auto_processes
 
-        processes = auto_processes(self._settings.inference.decode_processes)
+        inf = self._settings.inference
+        gpu = select_device(inf.device).type == "cuda"
+        processes = auto_processes(inf.decode_processes, gpu)
         if self._pool is None and processes > 0:
             self._pool = DecodePool(processes, self._settings.pipeline.worker_timeout_seconds)
         return self._pool

@@ -173,10 +173,8 @@ def _read_native(
     if width is None or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         return None
     elem = ds.get_item(_PIXEL_DATA, keep_deferred=True)
-    if elem is None:
-        raise ImagingError("no Pixel Data")
     if not isinstance(elem, RawDataElement) or elem.length == _UNDEFINED:
-        return None
+        return None  # no (integer) Pixel Data, or encapsulated: the decoder path says why
     rows, cols = int(ds.Rows), int(ds.Columns)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     index = frame or 0

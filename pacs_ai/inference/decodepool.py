@@ -45,11 +45,16 @@ _MAX_AUTO = 8
 _DIED = "a decode process died while decoding (killed, crashed or out of memory)"
 
 
-def auto_processes(setting: int | str = "auto") -> int:
-    """The number of decode processes for ``inference.decode_processes``: "auto" is one per
-    core (at most 8); 0 means decoding in threads of the scoring process (no pool)."""
+def auto_processes(setting: int | str = "auto", gpu: bool = True) -> int:
+    """The number of decode processes for ``inference.decode_processes``; 0 means decoding
+    in threads of the scoring process (no pool).
+
+    "auto": with the model on a GPU, one per core (at most 8): the CPU only decodes, and
+    threads would serialise on the GIL. With the model on the CPU, 0: the model already
+    uses every core, and on the 2-core machine measured here decode processes beside it were
+    slower than threads (docs/models.md, "The fast path"); set a number to override."""
     if setting == "auto":
-        return max(1, min(_MAX_AUTO, os.cpu_count() or 1))
+        return max(1, min(_MAX_AUTO, os.cpu_count() or 1)) if gpu else 0
     return max(0, int(setting))
 
 

@@ -397,7 +397,9 @@ def _prefetch(
     if pool is not None:
         yield from pool.map(fn, items, depth)
         return
-    with ThreadPoolExecutor(max_workers=_PREP_WORKERS, thread_name_prefix="pacs-ai-prep") as threads:
+    with ThreadPoolExecutor(
+        max_workers=_PREP_WORKERS, thread_name_prefix="pacs-ai-prep"
+    ) as threads:
         queue: deque[Future[_R]] = deque()
         source = iter(items)
         for item in source:

@@ -56,6 +56,7 @@ def test_auto_processes() -> None:
     assert auto_processes(0) == 0
     assert auto_processes(3) == 3
     assert auto_processes("auto") == max(1, min(8, os.cpu_count() or 1))
+    assert auto_processes("auto", gpu=False) == 0  # a CPU model: threads
 
 
 def test_a_killed_decode_process_fails_the_call_and_the_pool_recovers() -> None:
@@ -135,3 +136,5 @@ def test_the_scoring_models_share_one_pool_that_close_stops(tmp_path: Path) -> N
     assert _wait_gone(pids)
     threads = ModelProvider(Settings(inference=InferenceSettings(device="cpu", decode_processes=0)))
     assert threads.get("cxr").decode_pool is None
+    auto = ModelProvider(Settings(inference=InferenceSettings(device="cpu")))
+    assert auto.get("cxr").decode_pool is None  # "auto" with a CPU model: threads
