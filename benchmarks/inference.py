@@ -21,6 +21,9 @@ between ``<!-- bench:inference:start -->`` and ``<!-- bench:inference:end -->`` 
 
     PYTHONPATH=. python benchmarks/inference.py --json benchmarks/results/inference.json \
         --readme docs/models.md
+
+On a machine shared with other work, set ``OMP_WAIT_POLICY=PASSIVE``: spinning OpenMP
+threads of the model otherwise make model-only throughput swing by 10x between runs.
 """
 
 from __future__ import annotations
