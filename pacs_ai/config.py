@@ -420,6 +420,10 @@ class InferenceSettings(_Section):
     # fp32 probability difference (measured at load on reference phantoms, and the model
     # card's precision_check if any) stays within this; else fp32.
     bf16_tolerance: Annotated[float, Field(gt=0, le=1)] = 0.01
+    # Processes that decode images beside the model (pacs_ai.inference.decodepool): "auto" =
+    # one per core (at most 8) for a GPU model, threads (0) for a CPU model; 0 = decode in
+    # threads of the scoring process; or a number. Each inherits pipeline.worker_memory_mb.
+    decode_processes: Literal["auto"] | Annotated[int, Field(ge=0, le=64)] = "auto"
 
     @field_validator("device")
     @classmethod
