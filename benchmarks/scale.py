@@ -2,21 +2,22 @@
 local only; upload lag under a 300-slice CT. One run, ratios within it.
 
     .venv/bin/python benchmarks/scale.py [--quick] [--json FILE] [--readme FILE]
-        [--dx 40] [--ct 3] [--ct-slices 40] [--big-ct 300]
+        [--workers 1x2,1x1,2x1] [--dx 40] [--ct 3] [--ct-slices 40] [--big-ct 300]
 
 Real processes throughout: a scratch PostgreSQL database per measurement (from
 PACS_AI_TEST_POSTGRES_URL, else postgres@127.0.0.1:5432; dropped afterwards), the tests'
 single-node Ceph RGW (tests/integration/rgw.py) as the bucket, ``pacs-ai serve --role
 gateway`` and ``--role worker`` processes, dcmtk ``storescu`` (TCP_NODELAY=1) as the modality.
 
-1. **Workers.** A gateway (local storage) and N = 1, then 2, ``--role worker`` processes
-   (``pipeline.workers = 1`` each, CPU models). The machine's cores are split between the
-   workers: each runs under ``taskset`` on its own CPUs with ``OMP_NUM_THREADS`` = its share
-   (torch's intra-op threads), the gateway unpinned. Once every role is up, one association
-   sends ``--dx`` DX studies (2048², one image each) and ``--ct`` CT studies (``--ct-slices``
-   × 256²); timed from the start of the send until every study is in a final state
-   (reported / not applicable / failed). studies/min = studies / that time; the states reached are
-   recorded (phantoms: reported, so the models really run).
+1. **Workers.** A gateway (local storage) and ``--workers`` set-ups of ``--role worker``
+   processes (``pipeline.workers = 1`` each, CPU models; default ``1x2,1x1,2x1``: 1 worker
+   with 2 torch threads, 1 with 1 thread, 2 with 1 thread each). The machine's cores are
+   split between the workers: each runs under ``taskset`` on its own CPUs with
+   ``OMP_NUM_THREADS`` (torch's intra-op threads), the gateway unpinned. Once every role is
+   up, one association sends ``--dx`` DX studies (2048², one image each) and ``--ct`` CT
+   studies (``--ct-slices`` × 256²); timed from the start of the send until every study is in
+   a final state (reported / not applicable / failed). studies/min = studies / that time; the
+   states reached are recorded (phantoms: reported, so the models really run).
 2. **Ingest.** A gateway alone (no workers) receives one ``--big-ct`` × 512² CT in one
    association, ``storage.backend = "local"`` vs ``"s3"`` (the uploader running in the same
    process). instances/s of the send, and the gateway's CPU ms per instance (uploader
@@ -197,10 +198,15 @@ def make_data(out: Path, dx: int, ct: int, ct_slices: int, big_ct: int) -> dict[
     return files
 
 
-def workers_run(tmp: Path, n: int, files: list[Path], studies: int) -> dict[str, Any]:
+def workers_run(tmp: Path, spec: str, files: list[Path], studies: int) -> dict[str, Any]:
+    """``spec``: "N" (N workers, the cores split between them, as many torch threads as CPUs
+    each) or "NxT" (the same CPUs, T threads each)."""
     cores = os.cpu_count() or 1
+    n_text, _, t_text = spec.partition("x")
+    n = int(n_text)
     share = max(1, cores // n)
-    workdir = tmp / f"workers{n}"
+    threads = str(int(t_text) if t_text else share)
+    workdir = tmp / f"workers-{spec}"
     workdir.mkdir()
     with scratch_database() as url:
         port = free_port()
@@ -211,7 +217,6 @@ def workers_run(tmp: Path, n: int, files: list[Path], studies: int) -> dict[str,
             roles.append(Role(workdir, "gateway", "gateway", {}))
             for i in range(n):
                 cpus = ",".join(str((i * share + k) % cores) for k in range(share))
-                threads = str(share)
                 env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
                 roles.append(Role(workdir, f"worker{i}", "worker", env, cpus))
             poll(lambda: all(r.started() for r in roles), 600, "roles started")
@@ -234,7 +239,8 @@ def workers_run(tmp: Path, n: int, files: list[Path], studies: int) -> dict[str,
             engine.dispose()
     return {
         "workers": n,
-        "threads_per_worker": share,
+        "threads_per_worker": int(threads),
+        "cpus_per_worker": share,
         "studies": studies,
         "seconds": round(elapsed, 2),
         "studies_per_min": round(studies * 60 / elapsed, 1),
@@ -326,16 +332,19 @@ def median_run(backend: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def table(res: dict[str, Any]) -> str:
-    w = {r["workers"]: r for r in res["workers"]}
     g = {r["backend"]: r for r in res["ingest"]}
     s3, local = g["s3"], g["local"]
     lines = [
         "| measurement | value | ratio |",
         "|---|---:|---:|",
     ]
-    for n, r in w.items():
+    first = res["workers"][0]
+    for r in res["workers"]:
+        n = r["workers"]
         ratio = (
-            f"{r['studies_per_min'] / w[1]['studies_per_min']:.2f}× of 1 worker" if n > 1 else ""
+            f"{r['studies_per_min'] / first['studies_per_min']:.2f}× of the first row"
+            if r is not first
+            else ""
         )
         lines.append(
             f"| studies/min, {n} worker{'s' if n > 1 else ''} × {r['threads_per_worker']} "
@@ -377,7 +386,11 @@ def main() -> int:
     ap.add_argument("--ct-slices", type=int, default=40)
     ap.add_argument("--big-ct", type=int, default=300)
     ap.add_argument("--ingest-runs", type=int, default=3, help="local/s3 pairs (median)")
-    ap.add_argument("--workers", default="1,2", help="worker counts to measure")
+    ap.add_argument(
+        "--workers",
+        default="1x2,1x1,2x1",
+        help="worker set-ups: N workers, or NxT with T torch threads each",
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--readme", type=Path, default=None)
     args = ap.parse_args()
@@ -398,7 +411,7 @@ def main() -> int:
         files = make_data(tmp / "data", args.dx, args.ct, args.ct_slices, args.big_ct)
         studies = args.dx + args.ct
         res["workers"] = [
-            workers_run(tmp, int(n), files["batch"], studies) for n in args.workers.split(",")
+            workers_run(tmp, spec, files["batch"], studies) for spec in args.workers.split(",")
         ]
         rgw.start()
         runs: dict[str, list[dict[str, Any]]] = {"local": [], "s3": []}
