@@ -21,9 +21,7 @@ def test_upgrade_head_matches_models(db_url: str) -> None:
     upgrade(engine)  # idempotent
     assert current_revision(engine) == head_revision()
     with engine.connect() as conn:
-        ctx = MigrationContext.configure(
-            conn, opts={"compare_type": True, "include_name": _ours}
-        )
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True, "include_name": _ours})
         diff = compare_metadata(ctx, Base.metadata)
     engine.dispose()
     assert diff == []
