@@ -40,7 +40,7 @@ from procrastinate import (
 )
 from procrastinate import exceptions as pq_exc
 from procrastinate import jobs as pq_jobs
-from sqlalchemy import Engine, and_, column, exists, func, select, table
+from sqlalchemy import Engine, Text, and_, cast, column, exists, func, select, table
 
 from pacs_ai.db.models import Study, StudyState, utcnow
 from pacs_ai.errors import safe_reason
@@ -143,7 +143,7 @@ def unqueued_ready(engine: Engine, limit: int = REDEFER_BATCH) -> list[tuple[int
         and_(
             pj.c.task_name == TASK,
             pj.c.queueing_lock == key,
-            pj.c.status.in_(("todo", "doing")),
+            cast(pj.c.status, Text).in_(("todo", "doing")),
         )
     )
     with engine.connect() as conn:
