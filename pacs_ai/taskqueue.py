@@ -28,6 +28,7 @@ import datetime as dt
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -216,6 +217,7 @@ class QueueWorker:
         self._task: asyncio.Task[None] | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
+        self._stopping = threading.Event()
         self.stalled_retried = 0
 
     def _run(self, study_id: int, revision: int) -> None:
@@ -233,14 +235,31 @@ class QueueWorker:
         self._started.wait(timeout=30)
 
     def _main(self) -> None:
-        asyncio.run(self._amain())
+        """Run the worker until :meth:`stop`; when it stops on an error (PostgreSQL away,
+        its connection lost), start it again after a backoff (1 s doubling to 60 s)."""
+        backoff = 1.0
+        while not self._stopping.is_set():
+            began = time.monotonic()
+            try:
+                asyncio.run(self._amain())
+            except Exception as exc:
+                log.error("queue worker stopped (%s)", safe_reason(exc))
+            finally:
+                self._started.set()
+            if self._stopping.is_set():
+                break
+            if time.monotonic() - began > 60:
+                backoff = 1.0
+            log.warning("queue worker: restarting in %.0f s", backoff)
+            self._stopping.wait(backoff)
+            backoff = min(backoff * 2, 60.0)
 
     async def _amain(self) -> None:
         pipeline = self._settings.pipeline
         self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
         try:
             async with self.app.open_async():
-                self._task = asyncio.current_task()
                 self._started.set()
                 await self.app.run_worker_async(
                     queues=[QUEUE],
@@ -256,11 +275,10 @@ class QueueWorker:
                     delete_jobs="successful",
                 )
         except asyncio.CancelledError:
-            pass
-        except Exception as exc:
-            log.error("queue worker stopped (%s)", safe_reason(exc))
+            if not self._stopping.is_set():
+                raise RuntimeError("queue worker cancelled") from None
         finally:
-            self._started.set()
+            self._loop = None
 
     def sweep(self) -> None:
         """Periodic (every ``pipeline.heartbeat_seconds``, each worker): fail the ledger's
@@ -298,6 +316,7 @@ class QueueWorker:
                 ).defer_async(study_id=study_id, revision=revision)
 
     def stop(self, timeout: float = 90.0) -> None:
+        self._stopping.set()
         loop, task = self._loop, self._task
         if loop is not None and task is not None and loop.is_running():
             loop.call_soon_threadsafe(task.cancel)
