@@ -153,3 +153,18 @@ def test_ladder_retry_decisions() -> None:
         steps.append(round((d.retry_at - before).total_seconds()))
     assert steps == [10, 60, 120]
     assert strategy.get_retry_decision(exception=OSError(), job=_Job(200)) is None  # type: ignore[arg-type]
+
+
+def test_rerun_defers_the_new_revision(start_service: ServiceFactory, postgres_url: str) -> None:
+    from sqlalchemy import update
+
+    from pacs_ai.studies import rerun_study
+
+    gw = start_service(postgres_url, service={"role": "gateway"})
+    dx = chest_dx("normal", seed=62)
+    uid = place_ready_study(gw.engine, gw.settings.storage.path, [(dx, _file_bytes(dx))])
+    sid = _study_id(gw.engine, uid)
+    with gw.engine.begin() as c:
+        c.execute(update(Study).where(Study.id == sid).values(state=StudyState.REPORTED))
+    rerun_study(gw.engine, str(sid), "admin:test")
+    assert _pq_jobs(gw.engine) == [("todo", 0, queueing_lock(sid, 1))]
