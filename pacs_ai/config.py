@@ -148,10 +148,55 @@ class TlsSettings(_Section):
         return self
 
 
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PREFIX_RE = re.compile(r"^([A-Za-z0-9._-]+/)*$")
+
+
 class StorageSettings(_Section):
     path: Path = Path("var/spool")
     # Below this much free space new associations and C-STOREs are refused (0xA700).
     min_free_mb: Annotated[int, Field(ge=0)] = 500
+    # "local": the spool is the store. "s3": the spool is the write-ahead buffer and every
+    # instance is uploaded under its sha256 (pacs_ai.storage). Credentials come from the
+    # environment only (PACS_AI_S3_ACCESS_KEY_ID/..._SECRET_ACCESS_KEY or AWS_...).
+    backend: Literal["local", "s3"] = "local"
+    s3_endpoint: str | None = None
+    s3_bucket: str = ""
+    s3_region: str = "us-east-1"
+    s3_prefix: str = ""
+    s3_timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
+    # Workers' bounded read cache of downloaded objects (least recently used evicted).
+    s3_cache_path: Path = Path("var/s3-cache")
+    s3_cache_mb: Annotated[int, Field(ge=1)] = 2048
+    # A worker waits this long for an object the gateway has not uploaded yet.
+    s3_read_wait_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    # Not-yet-uploaded bytes above this refuse new C-STOREs (0xA700) and associations; 0: off.
+    local_buffer_high_watermark_mb: Annotated[int, Field(ge=0)] = 0
+    # Local copies of uploaded instances are deleted this long after their upload (the
+    # retention job); absent: kept until retention purges the study.
+    local_keep_seconds: Annotated[float, Field(ge=0)] | None = None
+    upload_batch: Annotated[int, Field(ge=1, le=1000)] = 100
+    upload_concurrency: Annotated[int, Field(ge=1, le=32)] = 4
+    upload_poll_seconds: Annotated[float, Field(gt=0, le=60)] = 0.5
+    upload_max_backoff_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # /metrics and /readyz flag the upload lag (oldest instance not uploaded) above this.
+    upload_lag_alert_seconds: Annotated[float, Field(gt=0)] = 300.0
+
+    @model_validator(mode="after")
+    def _s3_complete(self) -> StorageSettings:
+        if self.backend == "s3":
+            if not _BUCKET_RE.match(self.s3_bucket) or ".." in self.s3_bucket:
+                raise ValueError(
+                    'storage.backend = "s3" needs storage.s3_bucket: 3-63 lowercase letters, '
+                    "digits, dots and hyphens"
+                )
+            if self.s3_endpoint is not None and not re.match(r"^https?://", self.s3_endpoint):
+                raise ValueError("storage.s3_endpoint must be an http:// or https:// URL")
+        if not _PREFIX_RE.match(self.s3_prefix):
+            raise ValueError(
+                "storage.s3_prefix must be empty or end with '/' (letters, digits, . _ - /)"
+            )
+        return self
 
 
 class DatabaseSettings(_Section):
@@ -375,6 +420,10 @@ class InferenceSettings(_Section):
     # fp32 probability difference (measured at load on reference phantoms, and the model
     # card's precision_check if any) stays within this; else fp32.
     bf16_tolerance: Annotated[float, Field(gt=0, le=1)] = 0.01
+    # Processes that decode images beside the model (pacs_ai.inference.decodepool): "auto" =
+    # one per core (at most 8) for a GPU model, threads (0) for a CPU model; 0 = decode in
+    # threads of the scoring process; or a number. Each inherits pipeline.worker_memory_mb.
+    decode_processes: Literal["auto"] | Annotated[int, Field(ge=0, le=64)] = "auto"
 
     @field_validator("device")
     @classmethod
@@ -533,7 +582,12 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
             return p
         return (base / p).resolve()
 
-    storage = settings.storage.model_copy(update={"path": fix(settings.storage.path)})
+    storage = settings.storage.model_copy(
+        update={
+            "path": fix(settings.storage.path),
+            "s3_cache_path": fix(settings.storage.s3_cache_path),
+        }
+    )
     tls = settings.tls.model_copy(
         update={k: fix(getattr(settings.tls, k)) for k in ("cert_file", "key_file", "ca_file")}
     )

@@ -180,6 +180,11 @@ class DecodeLimitExceeded(ImagingError):
     decoding: absurd dimensions, decompression bombs)."""
 
 
+class DecodeProcessFailed(ImagingError):
+    """A decode process died (signal, out of memory) or did not answer in time while
+    decoding a series (:mod:`pacs_ai.inference.decodepool`); the job fails and is retried."""
+
+
 class NotApplicable(PacsAiError):
     """A series or image the model cannot take (wrong modality, lateral view, localizer...)."""
 

@@ -37,7 +37,6 @@ from pacs_ai.config import Settings
 from pacs_ai.db.models import Instance, Report, Series, utcnow
 from pacs_ai.delivery.outbox import Outbox
 from pacs_ai.errors import PacsAiError, safe_reason
-from pacs_ai.ingest.spool import Spool
 from pacs_ai.jobs import Claim, DeadLettered, JobLedger, RetryLater, StaleAttempt, Unclaimed
 from pacs_ai.logs import uid_ref
 from pacs_ai.results import BuiltReport, record_results
@@ -49,6 +48,7 @@ from pacs_ai.scoring import (
     describe_input,
 )
 from pacs_ai.scoring_worker import ScoringWorker
+from pacs_ai.storage.cache import instance_reader
 
 # highdicom (reporting) takes seconds to import; it is imported on the pipeline thread when it
 # first needs it, so `serve` starts listening at once.
@@ -89,7 +89,7 @@ class Pipeline:
         self._scorer = scorer or ScoringWorker(settings)
         self._on_reported = on_reported
         self._clock = clock
-        self._spool = Spool(settings.storage.path, 0)
+        self._read = instance_reader(settings.storage)
         self.worker_id = (worker_id or f"{socket.gethostname()}:{os.getpid()}")[:64]
         self.ledger = JobLedger(engine, settings.pipeline.retry_seconds, self.worker_id, clock)
         self._name = name
@@ -241,14 +241,15 @@ class Pipeline:
             ):
                 # For an instance received twice with different bytes, score the newest copy.
                 rows = conn.execute(
-                    select(Instance.sop_instance_uid, Instance.path)
+                    select(Instance.sop_instance_uid, Instance.sha256, Instance.path)
                     .where(Instance.series_id == series_id, Instance.purged_at.is_(None))
                     .order_by(Instance.id)
                 ).all()
                 if not rows:
                     continue  # every file of this series was purged by retention
-                latest = {uid: path for uid, path in rows}
-                paths = tuple(self._spool.resolve(p) for p in latest.values())
+                latest = {uid: (sha, path) for uid, sha, path in rows}
+                # The spool file, or (storage.backend = "s3") the object through the cache.
+                paths = tuple(self._read(sha, p) for sha, p in latest.values())
                 out.append(SeriesFiles(series_id, modality or "", paths))
         return tuple(out)
 

@@ -33,6 +33,7 @@ from pacs_ai.routing import decide
 if TYPE_CHECKING:
     from pacs_ai.inference import LoadedModel
     from pacs_ai.inference.card import ModelCard
+    from pacs_ai.inference.decodepool import DecodePool
     from pacs_ai.inference.runner import SeriesScore
 
 log = logging.getLogger(__name__)
@@ -109,12 +110,35 @@ class StudyAnalysis:
 
 
 class ModelProvider:
-    """Loads each configured model once (with warm-up) and hands it out."""
+    """Loads each configured model once (with warm-up) and hands it out. The models share
+    one pool of decode processes (``inference.decode_processes``), started with the first
+    model and stopped by :meth:`close`."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
+        self._pool: DecodePool | None = None
+
+    def close(self) -> None:
+        """Stop the decode processes (the models stay usable, decoding in threads)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+            for m in self._models.values():
+                m.decode_pool = None
+        if pool is not None:
+            pool.close()
+
+    def _decode_pool(self) -> DecodePool | None:
+        from pacs_ai.inference import select_device
+        from pacs_ai.inference.decodepool import DecodePool, auto_processes
+
+        inf = self._settings.inference
+        gpu = select_device(inf.device).type == "cuda"
+        processes = auto_processes(inf.decode_processes, gpu)
+        if self._pool is None and processes > 0:
+            self._pool = DecodePool(processes, self._settings.pipeline.worker_timeout_seconds)
+        return self._pool
 
     def get(self, key: str) -> LoadedModel:
         from pacs_ai.inference import load_model, resolve_model_dir
@@ -129,6 +153,7 @@ class ModelProvider:
                     batch_size=inf.batch_size,
                     precision=inf.precision,
                     bf16_tolerance=inf.bf16_tolerance,
+                    decode_pool=self._decode_pool(),
                 )
                 card = self._models[key].card
                 log.debug(  # `serve` logs each model in its start-up summary

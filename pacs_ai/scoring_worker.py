@@ -30,7 +30,7 @@ from typing import Any
 
 from pacs_ai.config import Settings
 from pacs_ai.errors import StartupError, WorkerFailed, safe_reason
-from pacs_ai.scoring import ModelSummary, StudyAnalysis, StudyRequest
+from pacs_ai.scoring import ModelProvider, ModelSummary, StudyAnalysis, StudyRequest
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +234,10 @@ def _child_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     os.environ.update(env or {})  # before CUDA initialises (it reads CUDA_VISIBLE_DEVICES then)
     _limit_memory(settings)
+    # The parent keeps us daemonic (terminated with it); here we may start decode processes
+    # (pacs_ai.inference.decodepool), which a daemonic process may not. They watch our pid.
+    multiprocessing.current_process().daemon = False
     from pacs_ai.logs import configure_logging
-    from pacs_ai.scoring import ModelProvider, analyse_study
     from pacs_ai.startup import model_keys, model_problem
 
     configure_logging(settings.logging)
@@ -249,6 +251,15 @@ def _child_main(
             _send(conn, ("load_failed", model_problem(settings, key, exc)))
             return
     conn.send(("ready", os.getpid(), loaded))
+    try:
+        _serve(conn, settings, models)
+    finally:
+        models.close()  # the decode processes
+
+
+def _serve(conn: Connection, settings: Settings, models: ModelProvider) -> None:
+    from pacs_ai.scoring import analyse_study
+
     while True:
         try:
             request = conn.recv()

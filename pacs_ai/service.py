@@ -4,11 +4,12 @@ scheduler together and runs them until SIGTERM/SIGINT.
 Roles (``serve --role``, ``service.role``) split the work over processes and machines that
 share one PostgreSQL database, the only source of truth:
 
-- ``gateway``: DICOM listener, assembly timers, retention, the console (and, later, the
-  object-storage uploader: :meth:`Service._start_gateway_extras`);
+- ``gateway``: DICOM listener, assembly timers, retention, the console and, with
+  ``storage.backend = "s3"``, the uploader of received instances;
 - ``worker``: claims and scores studies, one slot per visible GPU (``CUDA_VISIBLE_DEVICES``)
   or ``pipeline.workers`` on CPU; a slot claims only when it is idle, so a worker never takes
   more than it can run; it also sweeps stalled attempts of dead workers;
+  with ``s3`` it also puts its report files in the bucket;
 - ``sender``: the delivery outbox only;
 - ``all`` (default): everything, today's single-process behaviour.
 """
@@ -36,7 +37,10 @@ from pacs_ai.ingest.spool import Spool
 from pacs_ai.pipeline import Pipeline
 from pacs_ai.scheduler import Scheduler
 from pacs_ai.scoring_worker import ScoringWorker
+from pacs_ai.storage.objects import S3Store
+from pacs_ai.storage.reports import ReportUploader
 from pacs_ai.storage.retention import Retention
+from pacs_ai.storage.uploader import Uploader
 
 if TYPE_CHECKING:
     from pacs_ai.taskqueue import Deferrer, QueueWorker
@@ -153,6 +157,16 @@ class Service:
                 settings, self.engine, self.spool, on_association_end=self._association_ended
             )
 
+        # storage.backend = "s3": the spool is the write-ahead buffer; uploads run here.
+        self.uploader: Uploader | None = None
+        self.report_uploader: ReportUploader | None = None
+        if settings.storage.backend == "s3":
+            store = S3Store(settings.storage)
+            if self.parts.listener:
+                self.uploader = Uploader(self.engine, settings, store)
+                self.spool.buffer_guard = self.uploader.check_buffer
+            if self.pipelines:  # report files are made here: put them there too
+                self.report_uploader = ReportUploader(self.engine, settings, store)
         self.http = self._make_http() if self.parts.http else None
 
     def _queue_ready(self, study_ids: list[int]) -> None:
@@ -225,6 +239,11 @@ class Service:
             raise
         if self.server is not None:
             recover(self.spool, self.engine)
+        if self.uploader is not None:
+            self.uploader.refresh()  # the buffer guard counts from the first association
+            self.uploader.start()
+        if self.report_uploader is not None:
+            self.report_uploader.start()
         if self.assembler is not None:
             self.scheduler.every(
                 ASSEMBLY_JOB, self.settings.assembly.sweep_interval_seconds, self.assembler.sweep
@@ -262,8 +281,6 @@ class Service:
             self.scheduler.every(
                 RETENTION_JOB, self.settings.retention.interval_seconds, retention.run
             )
-        if self.parts.listener:
-            self._start_gateway_extras()
         self.scheduler.start()
         if self.server is not None:
             self.server.start()
@@ -282,11 +299,6 @@ class Service:
             log.warning("role %s on SQLite: every role must run on this machine", self.parts.role)
         startup.notify_systemd("READY=1")
 
-    def _start_gateway_extras(self) -> None:
-        """Hook for gateway-side periodic work beyond the listener: the object-storage
-        uploader (issue 12, another change) registers its scheduler job here, so it runs in
-        the ``gateway`` and ``all`` roles only."""
-
     def _announce_console(self) -> None:
         from pacs_ai.web.users import count_users
 
@@ -301,11 +313,15 @@ class Service:
             self.http.stop()
         if self.server is not None:
             self.server.stop()
+        if self.uploader is not None:
+            self.uploader.stop()
         if self.queue_worker is not None:
             self.queue_worker.stop()
         else:
             for p in self.pipelines:
                 p.stop()
+        if self.report_uploader is not None:
+            self.report_uploader.stop()
         self.scheduler.shutdown()
         if self.deferrer is not None:
             self.deferrer.close()

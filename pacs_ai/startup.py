@@ -235,6 +235,17 @@ def summary_lines(
         f"spool: {settings.storage.path}, {_free_space(settings.storage.path)} "
         f"(new studies refused below {settings.storage.min_free_mb} MB)"
     )
+    st = settings.storage
+    if st.backend == "s3":
+        lines.append(
+            f"object store: s3 bucket {st.s3_bucket} at {st.s3_endpoint or 'AWS'} "
+            f"(prefix {st.s3_prefix or 'none'}); the spool is the write-ahead buffer"
+            + (
+                f", C-STORE refused above {st.local_buffer_high_watermark_mb} MB not uploaded"
+                if st.local_buffer_high_watermark_mb
+                else ""
+            )
+        )
     lines.append(_retention_line(settings))
     return lines
 

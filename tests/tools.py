@@ -30,6 +30,13 @@ PACKAGES = {
     "systemd-analyze": "systemd",
     "chromium": "chromium",
     "chromedriver": "chromium-driver",
+    "ceph-mon": "ceph-mon",
+    "ceph-osd": "ceph-osd",
+    "radosgw": "radosgw",
+    "radosgw-admin": "radosgw",
+    "ceph": "ceph-common",
+    "ceph-authtool": "ceph-common",
+    "monmaptool": "ceph-base",
 }
 
 

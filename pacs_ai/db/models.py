@@ -207,6 +207,9 @@ class Instance(Base):
     # Set when retention deleted the file (the row stays as history); cleared when the same
     # instance is received again and stored anew.
     purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # With storage.backend = "s3": when the object under its sha256 key was confirmed in the
+    # bucket (null: still only in the local buffer; the uploader's queue).
+    uploaded_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)
 
 
 class Job(Base):
@@ -293,6 +296,9 @@ class Report(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     # Set when retention deleted the file (the row stays as history).
     purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # With storage.backend = "s3": when the file was put in the bucket (reports/<path>), so
+    # a delivery or the console on another host can read it.
+    uploaded_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)
 
 
 class Delivery(Base):

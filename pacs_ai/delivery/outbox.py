@@ -48,6 +48,7 @@ from pacs_ai.db.models import (
 )
 from pacs_ai.delivery.scu import Outgoing, Peer, SendResult, send
 from pacs_ai.delivery.stow import stow
+from pacs_ai.storage.reports import report_reader
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class Outbox:
         self._clock = clock
         self._lock = threading.Lock()
         self._destinations = {d.name: d for d in settings.destinations}
+        self._report_file = report_reader(settings)
 
     @property
     def reports_root(self) -> Path:
@@ -237,7 +239,8 @@ class Outbox:
         )
 
     def _send_batch(self, name: str, ae: str, host: str, port: int, rows: Sequence[_Due]) -> None:
-        items = [Outgoing(label=str(r.id), path=self.reports_root / r.path) for r in rows]
+        # The report file here, or (storage.backend = "s3") from the bucket.
+        items = [Outgoing(label=str(r.id), path=self._report_file(r.path)) for r in rows]
         dest = self._destinations.get(name)
         if dest is None and not ae:  # a DICOMweb destination removed from the config
             why = f"destination {name} is no longer configured"

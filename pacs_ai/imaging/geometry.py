@@ -46,21 +46,45 @@ def fit_square(
 
     Pixels are made square using ``spacing`` (row, column mm), the longer physical side fills
     the square, the other is centred and padded with ``pad``. Downsampling is antialiased
-    (bilinear). Returns float32 and the content :class:`Box`.
+    (bilinear). Returns float32 and the content :class:`Box`. The numpy face of
+    :func:`letterbox` (the same arithmetic).
     """
     planes = image[None] if image.ndim == 2 else image
-    h, w = planes.shape[-2:]
+    src = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[None]
+    out, box = letterbox(src, size, spacing, pad)
+    arr = out[0].numpy()
+    return (arr[0] if image.ndim == 2 else arr), box
+
+
+def letterbox_box(
+    height: int, width: int, size: int, spacing: tuple[float, float] | None = None
+) -> Box:
+    """Where an (height, width) image with ``spacing`` lands in the ``size`` square."""
     sr, sc = spacing if spacing else (1.0, 1.0)
-    extent_h, extent_w = h * sr, w * sc
+    extent_h, extent_w = height * sr, width * sc
     scale = size / max(extent_h, extent_w)
     new_h = max(1, min(size, round(extent_h * scale)))
     new_w = max(1, min(size, round(extent_w * scale)))
-    src = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[None]
+    return Box((size - new_h) // 2, (size - new_w) // 2, new_h, new_w)
+
+
+def letterbox(
+    planes: torch.Tensor,
+    size: int,
+    spacing: tuple[float, float] | None = None,
+    pad: float = 0.0,
+) -> tuple[torch.Tensor, Box]:
+    """:func:`fit_square` on a float32 tensor (N, C, H, W) of images sharing one geometry,
+    on whatever device the tensor is: (N, C, size, size) and the content :class:`Box`."""
+    box = letterbox_box(planes.shape[-2], planes.shape[-1], size, spacing)
     resized = F.interpolate(
-        src, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
-    )[0].numpy()
-    out = np.full((planes.shape[0], size, size), pad, dtype=np.float32)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
-    out[:, top : top + new_h, left : left + new_w] = resized
-    box = Box(top, left, new_h, new_w)
-    return (out[0] if image.ndim == 2 else out), box
+        planes, size=(box.height, box.width), mode="bilinear", align_corners=False, antialias=True
+    )
+    out = torch.full(
+        (planes.shape[0], planes.shape[1], size, size),
+        pad,
+        dtype=torch.float32,
+        device=planes.device,
+    )
+    out[:, :, box.top : box.top + box.height, box.left : box.left + box.width] = resized
+    return out, box

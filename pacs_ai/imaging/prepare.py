@@ -1,5 +1,6 @@
 """From a file to the model's input: the one preprocessing path shared by training and
-inference.
+inference (:mod:`pacs_ai.imaging.tensorprep` does the pixel work; the numpy reference it is
+tested against is :mod:`pacs_ai.imaging.reference`).
 
 The model input is a float32 array (channels, size, size) in [0, 1]; the model normalises it
 itself (see :mod:`pacs_ai.inference.architectures`), so what the model sees is also what a
@@ -27,18 +28,11 @@ from PIL import Image
 from pydicom.dataset import Dataset
 
 from pacs_ai.errors import DecodeLimitExceeded, ImagingError
-from pacs_ai.imaging.ct import (
-    LUNG_WINDOW,
-    MEDIASTINAL_WINDOW,
-    hu_window,
-    plan_volume,
-    select_evenly,
-    to_hu,
-)
-from pacs_ai.imaging.decode import DEFAULT_LIMITS, stored_values
+from pacs_ai.imaging.ct import LUNG_WINDOW, MEDIASTINAL_WINDOW, plan_volume, select_evenly
+from pacs_ai.imaging.decode import DEFAULT_LIMITS
 from pacs_ai.imaging.gating import CT_SOP_CLASSES
-from pacs_ai.imaging.geometry import fit_square, pixel_spacing
-from pacs_ai.imaging.lut import display_values
+from pacs_ai.imaging.geometry import fit_square
+from pacs_ai.imaging.tensorprep import decode_dataset, finish
 
 PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 _MAX_PICTURE_PIXELS = DEFAULT_LIMITS.max_rows * DEFAULT_LIMITS.max_columns
@@ -85,18 +79,14 @@ class InputSpec:
 
 
 def xray_input(ds: Dataset, spec: InputSpec) -> np.ndarray:
-    """A decoded-on-demand CR/DX dataset to the (1, size, size) [0, 1] model input."""
-    display = display_values(_grey(stored_values(ds)), ds)
-    out, _ = fit_square(display, spec.size, pixel_spacing(ds), pad=0.0)
-    return out[None]
+    """A decoded-on-demand CR/DX dataset to the (1, size, size) [0, 1] model input (the
+    tensor path of :mod:`pacs_ai.imaging.tensorprep`, on the CPU)."""
+    return finish([decode_dataset(ds, "cxr")], spec.size)[0].numpy()
 
 
 def ct_input(ds: Dataset, spec: InputSpec, frame: int | None = None) -> np.ndarray:
     """One CT slice (or Enhanced CT frame) to the (windows, size, size) [0, 1] input."""
-    hu = to_hu(_grey(stored_values(ds, frame)), ds, frame)
-    planes = np.stack([hu_window(hu, c, w) for c, w in spec.windows])
-    out, _ = fit_square(planes, spec.size, pixel_spacing(ds), pad=0.0)
-    return out
+    return finish([decode_dataset(ds, "ct", spec.windows, frame)], spec.size)[0].numpy()
 
 
 def picture_input(path: Path, spec: InputSpec) -> np.ndarray:
@@ -115,12 +105,6 @@ def picture_input(path: Path, spec: InputSpec) -> np.ndarray:
         raise ImagingError(f"picture cannot be read: {type(exc).__name__}: {exc}") from exc
     out, _ = fit_square(np.clip(arr / top, 0.0, 1.0), spec.size, None, pad=0.0)
     return out[None]
-
-
-def _grey(stored: np.ndarray) -> np.ndarray:
-    if stored.ndim != 2:
-        raise ImagingError("expected a single-sample (greyscale) image")
-    return stored
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,13 @@
 :func:`load_model` reads ``card.json`` and the weights (safetensors or a torch state dict),
 refuses models that fail :func:`pacs_ai.inference.card.check_deployable`, moves the model to
 the device (``auto``: CUDA if available, else CPU) in channels_last memory format, and warms
-it up. :meth:`LoadedModel.score_series` reads the files, preprocesses them in background
-threads (up to 4) while the model runs on the previous batch (decode overlapped with inference),
-batches across all images of all series, and aggregates per series
-(:mod:`pacs_ai.inference.aggregate`).
+it up. :meth:`LoadedModel.score_series` decodes the files in decode processes
+(:mod:`pacs_ai.inference.decodepool`, when given a pool; else background threads) while the
+model runs on the previous batch, batches across all images of all series, and aggregates per
+series (:mod:`pacs_ai.inference.aggregate`). Preprocessing is the tensor path of
+:mod:`pacs_ai.imaging.tensorprep`: on a CPU model the decode processes finish each input
+(table lookup, letterbox) themselves; on CUDA they send the raw stored bits and the lookup
+and letterbox run batched on the GPU (pinned memory, non-blocking copies).
 """
 
 from __future__ import annotations
@@ -25,13 +28,13 @@ from typing import Literal, TypeVar
 
 import numpy as np
 import torch
-from pydicom.dataset import Dataset
 from safetensors.torch import load_file, save_file
 
 from pacs_ai.errors import ModelError, NotApplicable
-from pacs_ai.imaging.decode import read_dataset, read_header
+from pacs_ai.imaging.decode import read_header
 from pacs_ai.imaging.gating import xray_image_problem
-from pacs_ai.imaging.prepare import ct_input, ct_scored_slices, stack_inputs, xray_input
+from pacs_ai.imaging.prepare import ct_scored_slices, stack_inputs
+from pacs_ai.imaging.tensorprep import Decoded, PrepTask, finish, prepare_task
 from pacs_ai.inference.aggregate import aggregate, suspicion
 from pacs_ai.inference.architectures import Classifier, build_model
 from pacs_ai.inference.cam import body_mask, grad_cam
@@ -42,6 +45,7 @@ from pacs_ai.inference.card import (
     check_deployable,
     load_card,
 )
+from pacs_ai.inference.decodepool import DecodePool
 from pacs_ai.inference.ood import OodDensity, refusal_reason
 from pacs_ai.inference.precision import (
     DEFAULT_BF16_TOLERANCE,
@@ -179,8 +183,11 @@ class LoadedModel:
         device: torch.device,
         batch_size: int = 16,
         precision: Precision = "auto",
+        decode_pool: DecodePool | None = None,
     ) -> None:
         self.card = card
+        # decode processes (shared by the models of one scoring process); None: threads
+        self.decode_pool = decode_pool
         self.batch_size = max(1, int(batch_size))
         self._torch_device = device
         self.device = str(device)
@@ -227,9 +234,19 @@ class LoadedModel:
         self, batch: np.ndarray, autocast: torch.dtype | Literal["configured"] | None = "configured"
     ) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated probabilities (N, K) and penultimate features (N, D) in float64."""
+        return self._forward_tensor(torch.from_numpy(batch), autocast)
+
+    def _forward_tensor(
+        self,
+        batch: torch.Tensor,
+        autocast: torch.dtype | Literal["configured"] | None = "configured",
+    ) -> tuple[np.ndarray, np.ndarray]:
         dtype = self._autocast if autocast == "configured" else autocast
-        x = torch.from_numpy(batch).to(self._torch_device, non_blocking=True)
-        x = x.contiguous(memory_format=torch.channels_last)
+        if batch.device != self._torch_device:
+            if self._torch_device.type == "cuda":
+                batch = batch.pin_memory()
+            batch = batch.to(self._torch_device, non_blocking=True)
+        x = batch.contiguous(memory_format=torch.channels_last)
         ctx = (
             torch.autocast(self._torch_device.type, dtype=dtype)
             if dtype is not None
@@ -281,24 +298,32 @@ class LoadedModel:
         probs: list[np.ndarray] = []
         feats: list[np.ndarray] = []
         inputs: list[np.ndarray] = []
-        pending: list[np.ndarray] = []
-        cache = _LastDataset()
+        pending: list[np.ndarray | Decoded] = []
+        spec = self.card.input
+        on_cpu = self._torch_device.type == "cpu"
+        tasks = [
+            PrepTask(path, frame, kind, spec.windows if kind == "ct" else (), spec.size, on_cpu)
+            for _, (path, frame, kind, _) in items
+        ]
 
-        def prepare(item: tuple[Path, int | None, str, str]) -> np.ndarray:
-            return self._prepare(item, cache)
-
-        for arr in _prefetch(prepare, [it for _, it in items], 2 * self.batch_size):
-            pending.append(arr)
-            inputs.append(arr)
-            if len(pending) == self.batch_size:
-                p, f = self._forward(stack_inputs(pending))
-                probs.append(p)
-                feats.append(f)
-                pending = []
-        if pending:
-            p, f = self._forward(stack_inputs(pending))
+        def flush() -> None:
+            if on_cpu:
+                batch = torch.from_numpy(stack_inputs(pending))  # type: ignore[arg-type]
+            else:  # table lookup and letterbox on the GPU
+                batch = finish(pending, spec.size, self._torch_device)  # type: ignore[arg-type]
+            p, f = self._forward_tensor(batch)
             probs.append(p)
             feats.append(f)
+            inputs.extend(batch.cpu().numpy())
+            pending.clear()
+
+        depth = 2 * self.batch_size
+        for prepared in _prefetch(prepare_task, tasks, depth, self.decode_pool):
+            pending.append(prepared)
+            if len(pending) == self.batch_size:
+                flush()
+        if pending:
+            flush()
         all_probs = np.concatenate(probs) if probs else np.zeros((0, len(self.card.classes)))
         all_feats = np.concatenate(feats) if feats else np.zeros((0, 0))
         out: list[SeriesScore] = []
@@ -359,47 +384,33 @@ class LoadedModel:
             raise NotApplicable("no axial CT slice in the series")
         return [(s.path, s.frame, "ct", s.sop_uid) for s in slices]
 
-    def _prepare(self, item: tuple[Path, int | None, str, str], cache: _LastDataset) -> np.ndarray:
-        path, frame, kind, _ = item
-        ds = cache.read(path)
-        if kind == "cxr":
-            return xray_input(ds, self.card.input)
-        return ct_input(ds, self.card.input, frame)
 
-
-class _LastDataset:
-    """Keeps the last dataset read per thread, so the frames of one Enhanced CT file are not
-    read once per frame."""
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def read(self, path: Path) -> Dataset:
-        last: tuple[Path, Dataset] | None = getattr(self._local, "last", None)
-        if last is None or last[0] != path:
-            last = (path, read_dataset(path))
-            self._local.last = last
-        return last[1]
-
-
-# Preprocessing threads: decoding and VOI run in numpy/pydicom while the model runs.
+# Preprocessing threads when there is no decode pool.
 _PREP_WORKERS = min(4, os.cpu_count() or 1)
 
 
-def _prefetch(fn: Callable[[_T], _R], items: Iterable[_T], depth: int) -> Iterator[_R]:
-    """``map(fn, items)`` computed in background threads, in order, at most ``depth`` ahead."""
-    with ThreadPoolExecutor(max_workers=_PREP_WORKERS, thread_name_prefix="pacs-ai-prep") as pool:
+def _prefetch(
+    fn: Callable[[_T], _R], items: Iterable[_T], depth: int, pool: DecodePool | None = None
+) -> Iterator[_R]:
+    """``map(fn, items)`` computed in the decode processes of ``pool`` (else background
+    threads), in order, at most ``depth`` ahead."""
+    if pool is not None:
+        yield from pool.map(fn, items, depth)
+        return
+    with ThreadPoolExecutor(
+        max_workers=_PREP_WORKERS, thread_name_prefix="pacs-ai-prep"
+    ) as threads:
         queue: deque[Future[_R]] = deque()
         source = iter(items)
         for item in source:
-            queue.append(pool.submit(fn, item))
+            queue.append(threads.submit(fn, item))
             if len(queue) >= depth:
                 break
         while queue:
             result = queue.popleft().result()
             nxt = next(source, None)
             if nxt is not None:
-                queue.append(pool.submit(fn, nxt))
+                queue.append(threads.submit(fn, nxt))
             yield result
 
 
@@ -412,6 +423,7 @@ def load_model(
     warmup: bool = True,
     require_deployable: bool = True,
     bf16_tolerance: float = DEFAULT_BF16_TOLERANCE,
+    decode_pool: DecodePool | None = None,
 ) -> LoadedModel:
     """Load a model directory (``card.json`` + weights, or + a TorchScript / ``torch.export``
     program: :mod:`pacs_ai.inference.program`), offline.
@@ -421,7 +433,8 @@ def load_model(
     :class:`~pacs_ai.errors.ModelError` when the directory or weights cannot be used.
     ``require_deployable=False`` skips the refusal (``pacs-ai evaluate`` of any model).
     ``precision="auto"`` on the CPU compares bf16 with fp32 here (it warms the model up
-    too); see :mod:`pacs_ai.inference.precision`.
+    too); see :mod:`pacs_ai.inference.precision`. ``decode_pool``: decode processes to
+    preprocess in (:mod:`pacs_ai.inference.decodepool`); None: threads of this process.
     """
     model_dir = Path(model_dir)
     card = load_card(model_dir)
@@ -440,7 +453,7 @@ def load_model(
             )
         except RuntimeError as exc:
             raise ModelError(f"weights do not fit architecture {card.arch!r}: {exc}") from exc
-    loaded = LoadedModel(card, model, select_device(device), batch_size, precision)
+    loaded = LoadedModel(card, model, select_device(device), batch_size, precision, decode_pool)
     if card.ood is not None:
         loaded.ood = OodDensity.load(model_dir, card.ood)
     if precision == "auto" and loaded.device == "cpu" and not warmup:

@@ -28,6 +28,7 @@ from pacs_ai.config import Settings
 from pacs_ai.db.models import utcnow
 from pacs_ai.errors import AssociationRejected, ProtocolError, StoreError
 from pacs_ai.ingest import protocol as p
+from pacs_ai.ingest.groupcommit import GroupCommitter
 from pacs_ai.ingest.messages import DATA, MessageAssembler
 from pacs_ai.ingest.negotiation import Negotiated, decode_request, negotiate
 from pacs_ai.ingest.recorder import IngestRecorder
@@ -93,6 +94,7 @@ class ServerContext:
     pending: PendingConnections
     on_association_end: Callable[[int], None]
     io_pool: ThreadPoolExecutor
+    committer: GroupCommitter
 
 
 class AssociationHandler:

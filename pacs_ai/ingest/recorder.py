@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -219,6 +220,24 @@ class IngestRecorder:
                     f"database write failed: {exc.__class__.__name__}"
                 ) from exc
             raise
+
+    def transaction(self) -> AbstractContextManager[Connection]:
+        """One write transaction (commits at the end of the ``with``; rolls back on error)."""
+        return self._engine.begin()
+
+    def record_in(
+        self,
+        conn: Connection,
+        assoc_id: int,
+        calling_ae: str,
+        header: InstanceHeader,
+        stored: StoredFile,
+        transfer_syntax: str,
+        cache: AssociationCache,
+    ) -> RecordOutcome:
+        """The statements of one instance inside the caller's transaction (group commit);
+        the caller commits, or rolls back and clears ``cache``."""
+        return self._record(conn, assoc_id, calling_ae, header, stored, transfer_syntax, cache)
 
     def _study_id(
         self, s: Connection, h: InstanceHeader, now: dt.datetime, cache: AssociationCache

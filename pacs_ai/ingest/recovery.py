@@ -51,7 +51,9 @@ def recover(spool: Spool, engine: Engine) -> RecoveryReport:
             orphans += 1
             write_audit(s, "system", "orphan_quarantined", "warning", detail={"file": dest.name})
         missing = 0
-        for inst_id, rel in s.execute(select(Instance.id, Instance.path)):
+        # An uploaded instance (storage.backend = "s3") may have had its local copy evicted.
+        waiting = select(Instance.id, Instance.path).where(Instance.uploaded_at.is_(None))
+        for inst_id, rel in s.execute(waiting):
             if not (spool.root / rel).is_file():
                 missing += 1
                 write_audit(s, "system", "instance_file_missing", "error", "instance", inst_id)

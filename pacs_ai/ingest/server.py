@@ -23,6 +23,7 @@ from pacs_ai.ingest.association import (
     PendingConnections,
     ServerContext,
 )
+from pacs_ai.ingest.groupcommit import GroupCommitter
 from pacs_ai.ingest.recorder import IngestRecorder
 from pacs_ai.ingest.spool import Spool
 
@@ -61,18 +62,22 @@ class DicomServer:
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._refused_pending = 0
+        recorder = IngestRecorder(engine, spool_root=spool.root)
         self._ctx = ServerContext(
             settings=settings,
             spool=spool,
-            recorder=IngestRecorder(engine, spool_root=spool.root),
+            recorder=recorder,
             stop=self._stop,
             ssl_context=make_ssl_context(settings.tls) if settings.tls.enabled else None,
             slots=AssociationSlots(settings.dicom.max_associations),
             pending=PendingConnections(settings.dicom.max_pending_per_address),
             on_association_end=on_association_end or (lambda _id: None),
+            # Two fsyncs per instance in flight (file and directory), per association.
             io_pool=ThreadPoolExecutor(
-                max_workers=settings.dicom.max_associations, thread_name_prefix="spool-io"
+                max_workers=2 * settings.dicom.max_associations, thread_name_prefix="spool-io"
             ),
+            # An instance waits for a batch at most as long as the peer waits for its answer.
+            committer=GroupCommitter(recorder, queue_timeout=settings.dicom.dimse_timeout),
         )
 
     @property

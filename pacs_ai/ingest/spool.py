@@ -20,6 +20,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -49,6 +50,11 @@ def _load_sync_file_range() -> Callable[[int, int, int], None]:
 
 
 _start_writeback = _load_sync_file_range()
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# objects/ab/cd: at most 65,536 directories; the cache is a set of their paths.
+_MAX_CACHED_DIRS = 70_000
 
 
 def _fsync_dir(path: Path) -> None:
@@ -120,6 +126,7 @@ class PendingFile:
         self.size = 0
         self._offset = 0
         self._placed: StoredFile | None = None
+        self.final_path = self.path  # where the file is: in tmp/, then objects/ once placed
         self._fd: int | None = None
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -160,25 +167,45 @@ class PendingFile:
         digest = self._hash.hexdigest()
         final = self._spool.object_path(digest)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            created = not final.exists()
-            os.replace(self.path, final)
+            self._spool.ensure_dir(final.parent)
+            created = not os.path.lexists(final)
+            try:
+                os.replace(self.path, final)
+            except FileNotFoundError:  # its directory was removed since it was made
+                self._spool.ensure_dir(final.parent, known=False)
+                os.replace(self.path, final)
         except OSError as exc:
             self.discard()
             _raise_io(exc, "placing a spool file")
+        self.final_path = final
         self._placed = StoredFile(
-            digest, self.size, str(final.relative_to(self._spool.root)), created
+            digest, self.size, f"objects/{digest[:2]}/{digest[2:4]}/{final.name}", created
         )
         return self._placed
 
     def make_durable(self) -> None:
         """fsync the placed file and its directory, then close it."""
+        self.sync_file()
+        self.sync_dir()
+
+    def sync_file(self) -> None:
+        """fsync the placed file (data and inode), then close it. With :meth:`sync_dir` it
+        makes the instance durable; the two may run at the same time on two threads (the
+        ingest path does: on ext4 both then wait for one journal commit instead of two
+        device flushes one after the other; measured here ~6 ms in series vs ~1 ms)."""
         assert self._fd is not None and self._placed is not None
         try:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
-            _fsync_dir(self._spool.resolve(self._placed.relpath).parent)
+        except OSError as exc:
+            _raise_io(exc, "flushing the spool")
+
+    def sync_dir(self) -> None:
+        """fsync the directory that holds the placed file's name."""
+        assert self._placed is not None
+        try:
+            _fsync_dir(self.final_path.parent)
         except OSError as exc:
             _raise_io(exc, "flushing the spool")
 
@@ -215,6 +242,10 @@ class Spool:
         self.objects_dir = root / "objects"
         self.quarantine_dir = root / "quarantine"
         self._resolved_root = root.resolve()
+        self._dirs: set[Path] = set()  # object directories known to exist (see ensure_dir)
+        # With an object store behind the spool: raises OutOfResources while the local
+        # buffer is above its watermark (pacs_ai.storage.uploader.Uploader.check_buffer).
+        self.buffer_guard: Callable[[], None] | None = None
 
     def prepare(self) -> int:
         """Create the layout; remove files left half-written in ``tmp/`` (none of them was
@@ -228,8 +259,19 @@ class Spool:
                 removed += 1
         return removed
 
+    def ensure_dir(self, path: Path, known: bool = True) -> None:
+        """Create an object directory (and its parents) unless this process already made or
+        saw it: saves a mkdir and a stat per instance. ``known=False`` forgets the cache
+        entry (the directory was removed behind our back, e.g. by retention)."""
+        if known and path in self._dirs:
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        if len(self._dirs) >= _MAX_CACHED_DIRS:
+            self._dirs.clear()
+        self._dirs.add(path)
+
     def object_path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+        if not _SHA256_HEX.fullmatch(sha256):
             raise ValueError("not a sha256 hex digest")
         return self.objects_dir / sha256[:2] / sha256[2:4] / f"{sha256}.dcm"
 
@@ -251,6 +293,8 @@ class Spool:
             _raise_io(exc, "checking free space")
         if self.min_free_bytes and free < self.min_free_bytes:
             raise OutOfResources("free disk space below storage.min_free_mb")
+        if self.buffer_guard is not None:
+            self.buffer_guard()
 
     def remove(self, stored: StoredFile) -> None:
         """Undo a commit whose database row could not be written."""

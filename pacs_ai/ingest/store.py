@@ -167,28 +167,39 @@ class StoreService:
         except BaseException:
             _discard_quietly(pending)
             raise
-        # The fsync (GIL released) runs on another thread while this one validates the file
-        # and prepares its rows; the transaction commits only once the file is durable.
-        durable = self._ctx.io_pool.submit(pending.make_durable)
+        # The fsyncs (GIL released) of the file and of its directory run at once on two other
+        # threads while this one validates the file and prepares its rows; the transaction
+        # commits only once both returned (the file is durable under its final name).
+        syncs = [
+            self._ctx.io_pool.submit(pending.sync_file),
+            self._ctx.io_pool.submit(pending.sync_dir),
+        ]
+
+        def durable() -> None:
+            for f in syncs:
+                f.result()
+
         try:
             header = read_and_validate(
-                self._ctx.spool.resolve(stored.relpath),
+                pending.final_path,  # under objects/, named by our hash (no realpath needed)
                 cx.transfer_syntax,
                 cmd.sop_class_uid,
                 cmd.sop_instance_uid,
                 self._limits,
             )
-            outcome = self._ctx.recorder.record_instance(
+            # Recorded in a transaction shared with instances that other associations finish
+            # at the same moment (group commit); the file's fsync is awaited before it commits.
+            outcome = self._ctx.committer.record(
                 self.assoc_id,
                 self._calling_ae,
                 header,
                 stored,
                 cx.transfer_syntax,
                 self._cache,
-                before_commit=durable.result,
+                durable=durable,
             )
         except BaseException:
-            wait([durable])
+            wait(syncs)
             _discard_quietly(pending)
             raise
         if log.isEnabledFor(logging.DEBUG):  # uid_ref hashes; skip it on the hot path

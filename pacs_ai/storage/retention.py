@@ -37,6 +37,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Engine,
     and_,
     delete,
@@ -44,6 +45,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    true,
     update,
 )
 
@@ -61,6 +63,9 @@ from pacs_ai.db.models import (
     StudyState,
     utcnow,
 )
+from pacs_ai.storage.objects import ObjectStore, S3Store, open_store
+from pacs_ai.storage.reports import report_key
+from pacs_ai.storage.uploader import evict_uploaded
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +193,13 @@ class Retention:
         self._clock = clock
         self._free_bytes = free_bytes or self._statvfs_free
         self._seen: set[int] = set()  # studies whose objects this run purged
+        # storage.backend = "s3": objects are deleted from the bucket too, a study only once
+        # every instance of it is uploaded, and local copies go local_keep_seconds after
+        # their upload.
+        self._storage = settings.storage
+        self._store: ObjectStore | None = (
+            open_store(settings.storage) if settings.storage.backend == "s3" else None
+        )
 
     def _statvfs_free(self) -> int:
         path = self._spool_root
@@ -217,6 +229,13 @@ class Retention:
             for sid in self._candidates(aged):
                 self._purge_objects(sid, aged, reason, purged, dry_run)
         self._free_space(report, dry_run)
+        keep = self._storage.local_keep_seconds
+        if self._store is not None and keep is not None and not dry_run:
+            evicted = evict_uploaded(
+                self._engine, self._spool_root, now - dt.timedelta(seconds=keep)
+            )
+            if evicted:
+                log.info("retention: %d uploaded local copies deleted", evicted)
         self._purge_reports(now - dt.timedelta(days=cfg.reports_days), report, dry_run)
         self._purge_audit(now - dt.timedelta(days=cfg.audit_days), report, dry_run)
         if report.bytes or report.audit_events or report.associations:
@@ -234,13 +253,24 @@ class Retention:
             )
         return report
 
+    def _uploaded(self) -> ColumnElement[bool]:
+        """With an object store: every live instance of the study is uploaded (a purge
+        before that would leave the upload's object behind)."""
+        if self._store is None:
+            return true()
+        return ~exists().where(
+            Instance.study_id == Study.id,
+            Instance.purged_at.is_(None),
+            Instance.uploaded_at.is_(None),
+        )
+
     def _candidates(self, condition: ColumnElement[bool]) -> list[int]:
         """Study ids matching ``condition`` that still have objects, oldest finished first."""
         with self._engine.connect() as conn:
             return list(
                 conn.scalars(
                     select(Study.id)
-                    .where(condition, _has_live_objects())
+                    .where(condition, self._uploaded(), _has_live_objects())
                     .order_by(Study.state_changed_at, Study.id)
                 )
             )
@@ -275,11 +305,11 @@ class Retention:
         with self._engine.begin() as conn:
             # Re-check inside the transaction: an instance that arrived since the candidate
             # query made the study "receiving" again, and then nothing here matches.
-            where = (Study.id == study_id, condition)
+            where = (Study.id == study_id, condition, self._uploaded())
             if dry_run:
                 still = conn.scalar(select(Study.id).where(*where))
                 rows = conn.execute(
-                    select(Instance.id, Instance.path).where(
+                    select(Instance.id, Instance.path, Instance.sha256).where(
                         Instance.study_id == study_id, Instance.purged_at.is_(None)
                     )
                 ).all()
@@ -291,8 +321,9 @@ class Retention:
                     conn.execute(
                         update(Instance)
                         .where(Instance.study_id == study_id, Instance.purged_at.is_(None))
-                        .values(purged_at=now)
-                        .returning(Instance.id, Instance.path)
+                        # Its object goes too: an instance received again is uploaded again.
+                        .values(purged_at=now, uploaded_at=None)
+                        .returning(Instance.id, Instance.path, Instance.sha256)
                     ).all()
                     if still is not None
                     else []
@@ -303,7 +334,10 @@ class Retention:
             nbytes = sum(_file_size(p) for p in paths)
             if not dry_run:
                 # Rows are marked (and locked) first; the files go before the commit, so a
-                # crash here leaves rows unmarked and the next run finishes the job.
+                # crash here leaves rows unmarked and the next run finishes the job. Objects
+                # in the bucket go first: a store that fails rolls everything back.
+                if self._store is not None:
+                    self._delete_objects(conn, {r.sha256 for r in rows})
                 for p in paths:
                     _unlink(p)
                 write_audit(
@@ -318,6 +352,18 @@ class Retention:
         purged.add(len(rows), nbytes)
         self._seen.add(study_id)
 
+    def _delete_objects(self, conn: Connection, shas: set[str]) -> None:
+        """Delete the objects of ``shas`` no live instance row still references."""
+        assert self._store is not None
+        for sha in sorted(shas):
+            others = conn.scalar(
+                select(func.count())
+                .select_from(Instance)
+                .where(Instance.sha256 == sha, Instance.purged_at.is_(None))
+            )
+            if not others:
+                self._store.delete(sha)
+
     # --- report files ----------------------------------------------------------------------
 
     def _purge_reports(self, cutoff: dt.datetime, report: RetentionReport, dry_run: bool) -> None:
@@ -326,6 +372,8 @@ class Retention:
         )
         terminal = exists().where(Study.id == Report.study_id, Study.state.in_(_TERMINAL))
         due = and_(Report.purged_at.is_(None), Report.created_at <= cutoff, ~undelivered, terminal)
+        if self._store is not None:  # the object goes too, so only once it is there
+            due = and_(due, Report.uploaded_at.is_not(None))
         with self._engine.connect() as conn:
             studies = list(conn.scalars(select(Report.study_id).where(due).distinct()))
         for study_id in studies:
@@ -348,6 +396,9 @@ class Retention:
                 paths += [p.with_suffix(".png") for p in paths if p.with_suffix(".png").exists()]
                 nbytes = sum(_file_size(p) for p in paths)
                 if not dry_run:
+                    if isinstance(self._store, S3Store):  # first: a failure rolls back
+                        for r in rows:
+                            self._store.delete_named(report_key(r.path))
                     for p in paths:
                         _unlink(p)
                     for folder in {p.parent for p in paths}:

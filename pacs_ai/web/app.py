@@ -40,6 +40,8 @@ from starlette.staticfiles import StaticFiles
 from pacs_ai.db import audit
 from pacs_ai.db.events import write_audit
 from pacs_ai.db.models import Report, StudyState
+from pacs_ai.storage.reports import report_reader
+from pacs_ai.storage.uploader import upload_lag_alert
 from pacs_ai.web import actions, queries, render
 from pacs_ai.web.context import WebContext
 from pacs_ai.web.health import readiness
@@ -71,6 +73,7 @@ class _Console:
         self.codec = SessionCodec(load_secret(self.http), self.http.session_minutes * 60)
         self.limiter = LoginLimiter(self.http.login_max_failures, self.http.login_window_seconds)
         self.registry = make_registry(ctx.settings, ctx.engine)
+        self._report_file = report_reader(ctx.settings)
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,  # every DICOM-derived string is escaped
@@ -236,6 +239,9 @@ class _Console:
         for c in checks:
             if not c.ok:
                 alerts.append(("danger", f"{c.name}: {c.detail}", "/readyz"))
+        lag = await run_in_threadpool(upload_lag_alert, self.ctx.settings, self.ctx.engine)
+        if lag:
+            alerts.append(("danger", lag, "/metrics"))
         for a in data["model_alerts"]:
             alerts.append(
                 ("danger", f"model {a['model']} ({a['label']}): {a['detail']}", "/models")
@@ -307,11 +313,11 @@ class _Console:
         )
 
     def _report_path(self, rel: str) -> Path | None:
-        root = self.ctx.settings.reports.path.resolve()
-        path = (root / rel).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
+        try:  # the file here, or (storage.backend = "s3") from the bucket
+            path = self._report_file(rel)
+        except ValueError:  # outside reports.path
             return None
-        return path
+        return path if path.is_file() else None
 
     async def _report(self, request: Request) -> tuple[int, Path]:
         study_id = int(request.path_params["study_id"])
@@ -322,7 +328,7 @@ class _Console:
                     Report.id == report_id, Report.study_id == study_id
                 )
             ).first()
-        path = self._report_path(row.path) if row else None
+        path = await run_in_threadpool(self._report_path, row.path) if row else None
         if path is None:
             raise HTTPException(404, "no such report object")
         return report_id, path

@@ -41,6 +41,7 @@ from pacs_ai.db.models import (
     StudyState,
     utcnow,
 )
+from pacs_ai.storage.uploader import upload_metrics
 from pacs_ai.telemetry import CSTORE_SECONDS
 
 JOB_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -325,6 +326,8 @@ class DatabaseCollector(Collector):
         ):
             alerts.add_metric([name, label, kind], n)
         yield alerts
+        if self._settings.storage.backend == "s3":
+            yield from upload_metrics(self._settings, conn, now)
 
     def _spool(self) -> Iterator[Metric]:
         path = self._settings.storage.path

@@ -3,17 +3,20 @@ peer for what pynetdicom will not send. Covers the bad-input table of DESIGN.md 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 import struct
+import threading
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.uid import RLELossless, generate_uid
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 
 from pacs_ai.db.models import (
     Association,
@@ -335,7 +338,7 @@ def test_unexpected_errors_answer_0110_and_the_association_goes_on(
     target = (
         (store_module, "read_and_validate")
         if where == "validate"
-        else (svc.server._ctx.recorder, "record_instance")  # type: ignore[union-attr]
+        else (svc.server._ctx.recorder, "record_in")  # type: ignore[union-attr]
     )
     real = getattr(*target)
 
@@ -461,3 +464,79 @@ def test_deflated_dataset_stored_as_received(start_service: ServiceFactory) -> N
     path = svc.spool.root / row.path
     assert path.read_bytes()[-len(payload) :] == payload
     assert pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def _concurrent_stores(
+    svc: Service, series: list[pydicom.Dataset], senders: int
+) -> list[tuple[int | None, bool]]:
+    """``senders`` associations at once, each storing its share of ``series``; per C-STORE:
+    (status, whether its row was committed when the status arrived)."""
+    results: list[tuple[int | None, bool]] = []
+    lock = threading.Lock()
+
+    def send_share(share: list[pydicom.Dataset]) -> None:
+        raw, cx = _raw(svc)
+        try:
+            for ds in share:
+                status = raw.c_store(cx, CT, ds.SOPInstanceUID, encode_dataset(ds))
+                with svc.engine.connect() as c:
+                    row = c.scalar(
+                        select(Instance.id).where(Instance.sop_instance_uid == ds.SOPInstanceUID)
+                    )
+                with lock:
+                    results.append((status, row is not None))
+            assert raw.release()
+        finally:
+            raw.close()
+
+    threads = [
+        threading.Thread(target=send_share, args=(series[i::senders],), daemon=True)
+        for i in range(senders)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive()
+    return results
+
+
+def test_concurrent_associations_each_answered_after_their_rows_commit(
+    start_service: ServiceFactory, db_url: str
+) -> None:
+    """Four associations at once (their instances may share group commits): every C-STORE
+    is Success only once its row is committed, and every file is in place."""
+    svc = start_service(db_url)
+    series = ct_datasets(16, seed=21)
+    results = _concurrent_stores(svc, series, 4)
+    assert results == [(0x0000, True)] * 16
+    committer = svc.server._ctx.committer  # type: ignore[union-attr]
+    assert committer.instances == 16 and 1 <= committer.commits <= 16
+    with svc.engine.connect() as c:
+        rows = c.execute(select(Instance.sop_instance_uid, Instance.path)).all()
+    assert {r.sop_instance_uid for r in rows} == {ds.SOPInstanceUID for ds in series}
+    assert all((svc.spool.root / r.path).is_file() for r in rows)
+    assert list((svc.spool.root / "tmp").iterdir()) == []
+
+
+def test_failed_group_commit_answers_every_association_a702_and_keeps_nothing(
+    start_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every commit fails (the database breaks under four concurrent associations): each
+    C-STORE is answered 0xA702, no instance row exists and no file stays in the spool."""
+    svc = start_service()
+    recorder = svc.server._ctx.recorder  # type: ignore[union-attr]
+    real = recorder.transaction
+
+    @contextlib.contextmanager
+    def failing() -> Iterator[Connection]:
+        with real() as conn:
+            yield conn
+            conn.exec_driver_sql("SELECT * FROM no_such_table")  # fails: rolled back
+
+    monkeypatch.setattr(recorder, "transaction", failing)
+    results = _concurrent_stores(svc, ct_datasets(8, seed=23), 4)
+    assert results == [(0xA702, False)] * 8
+    assert count(svc, Instance) == 0
+    assert list((svc.spool.root / "objects").rglob("*.dcm")) == []
+    assert list((svc.spool.root / "tmp").iterdir()) == []

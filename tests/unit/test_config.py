@@ -170,6 +170,7 @@ def test_packaged_config_documents_every_key() -> None:
 def _without_data_paths(s: Settings) -> dict[str, object]:
     data = s.model_dump(mode="json", exclude={"source"})
     del data["storage"]["path"], data["reports"]["path"], data["database"]["url"]
+    del data["storage"]["s3_cache_path"]
     del data["http"]["secret_key_file"]
     return data
 
@@ -253,3 +254,59 @@ def test_http_defaults_and_override() -> None:
     assert s.http.enabled is True and s.http.host == "127.0.0.1" and s.http.port == 8181
     assert s.http.secret_key_file == (DEFAULT_CONFIG.parent / "var/console-secret.key").resolve()
     assert s.http.metrics_public is True and s.http.tls is False
+
+
+def _storage(tmp_path: Path, body: str) -> Settings:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[storage]\n{body}\n")
+    return load_settings(cfg, env={})
+
+
+def test_s3_storage_keys(tmp_path: Path) -> None:
+    s = _storage(
+        tmp_path,
+        'backend = "s3"\ns3_bucket = "pacs-ai.site-a"\ns3_endpoint = "https://rgw.example:7480"\n'
+        's3_prefix = "gw1/"\ns3_cache_path = "cache"\nlocal_buffer_high_watermark_mb = 512',
+    )
+    assert s.storage.backend == "s3"
+    assert s.storage.s3_cache_path == (tmp_path / "cache").resolve()
+    assert s.storage.local_buffer_high_watermark_mb == 512
+    assert s.storage.local_keep_seconds is None
+    assert Settings().storage.backend == "local"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('backend = "s3"', 'storage.backend = "s3" needs storage.s3_bucket'),
+        ('backend = "s3"\ns3_bucket = "Bad_Bucket"', "needs storage.s3_bucket"),
+        ('backend = "s3"\ns3_bucket = "b..x"', "needs storage.s3_bucket"),
+        ('backend = "s3"\ns3_bucket = "ok-b"\ns3_endpoint = "rgw:7480"', "http:// or https://"),
+        ('s3_prefix = "/abs/"', "storage.s3_prefix"),
+        ('s3_prefix = "no-slash"', "storage.s3_prefix"),
+        ('backend = "nfs"', "storage.backend"),
+        ("local_buffer_high_watermark_mb = -1", "storage.local_buffer_high_watermark_mb"),
+        ("s3_cache_mb = 0", "storage.s3_cache_mb"),
+        # Credentials never go in the file: there is no key for them.
+        ('s3_secret_access_key = "x"', "storage.s3_secret_access_key"),
+        ('aws_access_key_id = "x"', "storage.aws_access_key_id"),
+    ],
+)
+def test_s3_storage_errors(tmp_path: Path, body: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _storage(tmp_path, body)
+
+
+def test_s3_credentials_come_from_the_environment_only() -> None:
+    from pacs_ai.storage.objects import s3_credentials
+
+    assert s3_credentials({"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}) == ("a", "b")
+    both = {
+        "AWS_ACCESS_KEY_ID": "a",
+        "AWS_SECRET_ACCESS_KEY": "b",
+        "PACS_AI_S3_ACCESS_KEY_ID": "c",
+        "PACS_AI_S3_SECRET_ACCESS_KEY": "d",
+    }
+    assert s3_credentials(both) == ("c", "d")
+    with pytest.raises(ConfigError, match="PACS_AI_S3_ACCESS_KEY_ID"):
+        s3_credentials({"AWS_ACCESS_KEY_ID": "a"})

@@ -8,19 +8,28 @@ import logging
 import struct
 import tracemalloc
 import zlib
+from pathlib import Path
 
 import jpeg_ls
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pacs_ai.errors import IncompleteDataset, InflateLimitExceeded, InvalidDataset, ProtocolError
 from pacs_ai.imaging.codestream import FrameSize, j2k_frames, jpeg_frames
 from pacs_ai.ingest import protocol as p
+from pacs_ai.ingest import validation
 from pacs_ai.ingest.inflate import FileSource, InflatingSource
 from pacs_ai.ingest.messages import COMMAND, DATA, MessageAssembler
+from pacs_ai.ingest.spool import part10_header
 from pacs_ai.ingest.structure import CodestreamKind, walk
+from pacs_ai.ingest.validation import Limits
 from pacs_ai.logs import RedactingFilter, safe_traceback, uid_ref
 from tests import dicomfaults as f
+from tests.conftest import dx_dataset
 from tests.integration.rawpeer import encode_dataset, pdata, store_command
 
 SMALL = FrameSize(64, 64, 1, 8)
@@ -161,3 +170,89 @@ def test_redacting_filter_and_tracebacks() -> None:
     except ValueError as exc:
         text = safe_traceback((ValueError, exc, exc.__traceback__))
     assert "ValueError" in text and "test_ingest_walk.py" in text and "Doe" not in text
+
+
+# --- the fast header decoder equals pydicom's reading ---------------------------------------
+
+
+def _spooled(tmp_path: Path, ds: Dataset, ts: str) -> Path:
+    fp = DicomBytesIO()
+    fp.is_implicit_VR = ts == ImplicitVRLittleEndian
+    fp.is_little_endian = ts != ExplicitVRBigEndian
+    write_dataset(fp, ds)
+    path = tmp_path / "x.dcm"
+    path.write_bytes(part10_header(ds.SOPClassUID, ds.SOPInstanceUID, ts, "SCU") + fp.getvalue())
+    return path
+
+
+def _header_dataset_for_test(charset: str, name: str) -> Dataset:
+    ds = dx_dataset(size=16)
+    ds.SpecificCharacterSet = charset
+    ds.PatientName = name
+    ds.StudyDescription = " leading space kept "
+    ds.SeriesDescription = "x" * 64
+    ds.SeriesNumber = " 12"
+    ds.InstanceNumber = "+7"
+    ds.AccessionNumber = ""
+    ds.Modality = "DX "
+    ds.BodyPartExamined = "CHEST"
+    return ds
+
+
+@pytest.mark.parametrize(
+    "ts", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian]
+)
+@pytest.mark.parametrize(
+    ("charset", "name"),
+    [("", "Doe^Jane  "), ("ISO_IR 100", "Müller^Zoë"), ("ISO_IR 192", "山田^太郎")],
+)
+def test_fast_header_values_equal_pydicoms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ts: str, charset: str, name: str
+) -> None:
+    ds = _header_dataset_for_test(charset, name)
+    path = _spooled(tmp_path, ds, ts)
+    limits = Limits(1 << 30, 1 << 31, 100.0)
+    args = (path, ts, ds.SOPClassUID, ds.SOPInstanceUID, limits)
+    walked = validation.walk_file(path, UID(ts), limits)
+    assert validation._fast_values(walked) is not None  # the fast path is taken
+    fast = validation.read_and_validate(*args)
+    monkeypatch.setattr(validation, "_fast_values", lambda _walked: None)
+    assert validation.read_and_validate(*args) == fast
+    assert fast.patient_name == name.rstrip()
+    assert (fast.series_number, fast.instance_number, fast.modality) == (12, 7, "DX")
+    assert fast.study_description == " leading space kept"
+    assert fast.accession_number is None
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("SpecificCharacterSet", "ISO 2022 IR 87"),  # a charset left to pydicom
+        ("InstanceNumber", ["1", "2"]),  # multi-valued
+        ("SeriesNumber", "12.0"),  # not a plain integer string
+        ("PatientName", ["A^B", "C^D"]),
+        ("PatientName", "Yamada^Tarou=Y^T"),  # component groups: pydicom's PersonName decides
+    ],
+)
+def test_fast_header_falls_back_to_pydicom(tmp_path: Path, keyword: str, value: object) -> None:
+    ds = _header_dataset_for_test("", "Doe^Jane")
+    setattr(ds, keyword, value)
+    path = _spooled(tmp_path, ds, ExplicitVRLittleEndian)
+    walked = validation.walk_file(path, UID(ExplicitVRLittleEndian), Limits(1 << 30, 1 << 31, 1.0))
+    assert validation._fast_values(walked) is None
+
+
+def test_fast_header_falls_back_on_odd_us_and_vr_mismatch(tmp_path: Path) -> None:
+    ds = _header_dataset_for_test("", "Doe^Jane")
+    path = _spooled(tmp_path, ds, ExplicitVRLittleEndian)
+    data = path.read_bytes()
+    limits = Limits(1 << 30, 1 << 31, 1.0)
+    rows = struct.pack("<HH2sH", 0x0028, 0x0010, b"US", 2)
+    assert rows in data
+    for replacement in (
+        struct.pack("<HH2sH", 0x0028, 0x0010, b"SS", 2),  # a VR other than the dictionary's
+        struct.pack("<HH2sH", 0x0028, 0x0010, b"US", 4) + b"\x10\x00",  # two values
+    ):
+        path.write_bytes(data.replace(rows, replacement, 1))
+        walked = validation.walk_file(path, UID(ExplicitVRLittleEndian), limits)
+        assert validation._fast_values(walked) is None

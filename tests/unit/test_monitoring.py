@@ -12,7 +12,8 @@ from sqlalchemy import Engine, create_engine, select
 
 from pacs_ai.cli import main
 from pacs_ai.config import MonitoringSettings
-from pacs_ai.db.models import AuditEvent, Base, ModelAlert, ModelObservation
+from pacs_ai.db.models import AuditEvent, ModelAlert, ModelObservation
+from pacs_ai.db.session import upgrade
 from pacs_ai.imaging.prepare import InputSpec
 from pacs_ai.inference.card import ModelCard, findings_for
 from pacs_ai.monitoring import Scored, observe, open_alerts, psi, summary
@@ -51,7 +52,7 @@ SETTINGS = MonitoringSettings(window=100, min_scored=30)
 @pytest.fixture
 def engine(tmp_path: Path) -> Engine:
     eng = create_engine(f"sqlite:///{tmp_path / 'm.db'}")
-    Base.metadata.create_all(eng)
+    upgrade(eng)  # migrated, as `audit models` requires
     return eng
 
 

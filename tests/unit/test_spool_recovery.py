@@ -44,6 +44,26 @@ def test_commit_names_by_hash_and_discard(tmp_path: Path) -> None:
         spool.object_path("../../etc/passwd")
 
 
+def test_place_recreates_a_cached_directory_removed_behind_its_back(tmp_path: Path) -> None:
+    """Object directories are cached per process; retention may remove an emptied one."""
+    spool = Spool(tmp_path, 0)
+    spool.prepare()
+    first = spool.begin(b"H")
+    first.write(b"same bytes")
+    stored = first.place()
+    first.make_durable()
+    path = spool.resolve(stored.relpath)
+    assert first.final_path == path
+    path.unlink()
+    path.parent.rmdir()  # as retention does with an emptied folder
+    path.parent.parent.rmdir()
+    again = spool.begin(b"H")
+    again.write(b"same bytes")
+    assert again.place() == stored  # created again, at the same place
+    again.make_durable()
+    assert path.read_bytes() == b"Hsame bytes"
+
+
 def test_watermark(tmp_path: Path) -> None:
     spool = Spool(tmp_path, 0)
     spool.prepare()

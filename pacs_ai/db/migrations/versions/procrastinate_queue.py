@@ -1,7 +1,7 @@
 """procrastinate: the task queue's schema (PostgreSQL only)
 
 Revision ID: procrastinate
-Revises: queue
+Revises: s3
 Create Date: 2026-12-02
 
 The schema is procrastinate 3.10.0's ``procrastinate/sql/schema.sql`` (MIT licence, (c)
@@ -17,7 +17,7 @@ from pathlib import Path
 from alembic import op
 
 revision: str = "procrastinate"
-down_revision: str | Sequence[str] | None = "queue"
+down_revision: str | Sequence[str] | None = "s3"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
