@@ -87,9 +87,11 @@ def _probe(code: str) -> dict[str, object]:
 @pytest.mark.parametrize("code", PARENT_SIDE.values(), ids=PARENT_SIDE.keys())
 def test_parent_side_imports_no_torch(code: str) -> None:
     result = _probe(code)
-    chain = "\n".join(str(line) for line in result["chain"])  # type: ignore[attr-defined]
+    chain = result["chain"]
+    assert isinstance(chain, list)
+    chain_text = "\n".join(str(line) for line in chain)
     assert (result["torch"], result["torchvision"]) == (False, False), (
-        f"torch imported; first import chain:\n{chain}"
+        f"torch imported; first import chain:\n{chain_text}"
     )
 
 
@@ -115,4 +117,4 @@ def test_lazy_names_are_the_runner_objects() -> None:
     assert inference.select_device is runner.select_device
     assert set(inference.__all__) <= set(dir(inference))
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
-        _ = inference.no_such_name  # type: ignore[attr-defined]
+        _ = inference.no_such_name
