@@ -299,6 +299,13 @@ def _one_sr_everywhere(c: Cluster, study_uid: str) -> None:
     assert rows and all(r.uploaded_at is not None and r.sha256 in keys for r in rows)
     srs, outbox, findings = _counts(c.engine, study_uid)
     assert (srs, outbox) == (1, 1) and findings > 0
+    wait_for(
+        lambda: _state(c.engine, study_uid) == StudyState.DELIVERED, timeout=10, what="delivered"
+    )
+
+
+def _scored(c: Cluster, study_uid: str) -> bool:
+    return _state(c.engine, study_uid) in (StudyState.REPORTED, StudyState.DELIVERED)
 
 
 def _running_by(c: Cluster, study_uid: str, proc: RoleProcess) -> bool:
@@ -320,7 +327,7 @@ def test_a_worker_killed_mid_study_another_finishes_it(cluster: Cluster, tmp_pat
     assert _running_by(c, uid, w1)  # its heartbeats keep it
     killed = time.monotonic()
     w1.kill9()
-    wait_for(lambda: _state(c.engine, uid) == StudyState.REPORTED, timeout=90, what="recovered")
+    wait_for(lambda: _scored(c, uid), timeout=90, what="recovered")
     took = time.monotonic() - killed
     print(f"\n[multihost] (a) kill -9 -> reported by the other worker: {took:.1f} s")
     jobs = _jobs(c.engine, uid)
@@ -345,10 +352,14 @@ def test_a_worker_cut_off_mid_study_its_late_commit_is_refused(
     uid = str(dx.StudyInstanceUID)
     _send(c, "g2", write_all([dx], tmp_path / "b"))
     wait_for(lambda: _running_by(c, uid, w1), timeout=60, what="worker 1 mid-study")
+    # Cut once it is scoring (its files read, nothing committed yet).
+    waiting = tmp_path / "release.waiting"
+    wait_for(waiting.exists, timeout=60, what="worker 1 scoring")
+    w2 = c.start("w2b", "worker")
+    assert _running_by(c, uid, w1)
     c.hosts["w1"].cut()
     cut = time.monotonic()
-    w2 = c.start("w2b", "worker")
-    wait_for(lambda: _state(c.engine, uid) == StudyState.REPORTED, timeout=90, what="recovered")
+    wait_for(lambda: _scored(c, uid), timeout=90, what="recovered")
     print(f"\n[multihost] (b) cut -> reported by the other worker: {time.monotonic() - cut:.1f} s")
     jobs = _jobs(c.engine, uid)
     assert [(a, s, e) for a, s, e, _ in jobs] == [
@@ -371,7 +382,7 @@ def test_a_worker_cut_off_mid_study_its_late_commit_is_refused(
     assert w1.proc is not None and w1.proc.poll() is None  # refused, not crashed
     assert _jobs(c.engine, uid) == jobs
     assert _counts(c.engine, uid) == done
-    assert _state(c.engine, uid) == StudyState.REPORTED
+    assert _state(c.engine, uid) == StudyState.DELIVERED
     time.sleep(1.0)  # a delivery poll (0.3 s) or three: nothing new may reach Orthanc
     assert len(c.orthanc.find_instances(uid)) == 1
     assert len(_reports(c.engine, uid)) == 1
@@ -394,7 +405,7 @@ def test_the_same_study_to_both_gateways_one_study_one_sr(cluster: Cluster, tmp_
         t.join(timeout=150)
     assert sorted(results) == ["g1", "g2"]
     assert all(r.returncode == 0 for r in results.values()), results
-    wait_for(lambda: _state(c.engine, uid) == StudyState.REPORTED, timeout=120, what="reported")
+    wait_for(lambda: _scored(c, uid), timeout=120, what="reported")
     with c.engine.connect() as conn:
         assert conn.scalar(select(func.count()).where(Study.study_uid == uid)) == 1
     assert [(a, s, e) for a, s, e, _ in _jobs(c.engine, uid)] == [(1, JobState.SUCCEEDED, None)]
