@@ -399,6 +399,7 @@ def test_the_same_study_to_both_gateways_one_study_one_sr(cluster: Cluster, tmp_
         results[gateway] = _storescu(c.hosts[gateway].address, files)
 
     threads = [threading.Thread(target=send, args=(g,)) for g in ("g1", "g2")]
+    sent = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
@@ -406,6 +407,7 @@ def test_the_same_study_to_both_gateways_one_study_one_sr(cluster: Cluster, tmp_
     assert sorted(results) == ["g1", "g2"]
     assert all(r.returncode == 0 for r in results.values()), results
     wait_for(lambda: _scored(c, uid), timeout=120, what="reported")
+    print(f"\n[multihost] (d) sent to both -> reported: {time.monotonic() - sent:.1f} s")
     with c.engine.connect() as conn:
         assert conn.scalar(select(func.count()).where(Study.study_uid == uid)) == 1
     assert [(a, s, e) for a, s, e, _ in _jobs(c.engine, uid)] == [(1, JobState.SUCCEEDED, None)]
