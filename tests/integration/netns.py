@@ -207,6 +207,10 @@ class PostgresHost:
                     "fsync=on",
                     "-c",
                     "max_connections=200",
+                    # A client whose link was cut mid-transaction would hold its row locks
+                    # until TCP gave up (hours): the server ends such a session instead.
+                    "-c",
+                    "idle_in_transaction_session_timeout=10s",
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
