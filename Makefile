@@ -34,7 +34,7 @@ run: $(STAMP)
 
 system-deps:
 	@missing=""; \
-	for tool in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools pg_ctlcluster:postgresql openssl:openssl systemd-analyze:systemd chromium:chromium chromedriver:chromium-driver ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common; do \
+	for tool in storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools pg_ctlcluster:postgresql openssl:openssl systemd-analyze:systemd chromium:chromium chromedriver:chromium-driver ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common ip:iproute2 setpriv:util-linux; do \
 	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool#*:}"; \
 	done; \
 	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \

@@ -52,6 +52,33 @@ class Claim:
     started: dt.datetime
 
 
+@dataclass(frozen=True)
+class Unclaimed:
+    """Why :meth:`JobLedger.claim_study` took nothing: ``gone`` (another revision, finished
+    or deleted: nothing to do), ``dead`` (dead-lettered), ``processing`` (a running attempt
+    holds it), ``waiting`` (its retry is due at ``retry_at``)."""
+
+    why: str
+    retry_at: dt.datetime | None = None
+
+
+def _aware(when: dt.datetime) -> dt.datetime:
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+
+
+class RetryLater(PacsAiError):
+    """The attempt failed or could not start; try again at ``retry_at`` (the queue's retry
+    strategy schedules it)."""
+
+    def __init__(self, message: str, retry_at: dt.datetime) -> None:
+        super().__init__(message)
+        self.retry_at = retry_at
+
+
+class DeadLettered(PacsAiError):
+    """The study revision's last attempt failed (study ``failed``): no more retries."""
+
+
 class StaleAttempt(PacsAiError):
     """The attempt is no longer the running one (declared dead, finished elsewhere): its
     result must not be committed."""
@@ -84,7 +111,8 @@ class JobLedger:
         self._clock = clock
 
     def claim(self) -> Claim | None:
-        """Take the oldest ready study whose retry is due, and record its attempt."""
+        """Take the oldest ready study whose retry is due, and record its attempt (SQLite;
+        on PostgreSQL procrastinate picks the study and calls :meth:`claim_study`)."""
         now = self._clock()
         with self._engine.begin() as conn:
             waiting = exists().where(
@@ -106,40 +134,80 @@ class JobLedger:
             row = conn.execute(q).first()
             if row is None:
                 return None
-            taken = conn.execute(
-                update(Study)
-                .where(
-                    Study.id == row.id,
-                    Study.state == StudyState.READY,
-                    Study.revision == row.revision,
-                )
-                .values(state=StudyState.PROCESSING, state_changed_at=now)
-                .returning(Study.id)
-            ).first()
-            if taken is None:
-                return None  # another worker or a late instance got there first
-            attempt = 1 + int(
-                conn.scalar(
-                    select(func.count()).where(
-                        Job.study_id == row.id, Job.study_revision == row.revision
-                    )
-                )
-                or 0
+            return self._take(conn, row.id, row.study_uid, row.revision, now)
+
+    def claim_study(self, study_id: int, revision: int) -> Claim | Unclaimed:
+        """Claim this study revision (a procrastinate task names it), recording its attempt;
+        or say why not: moved on (another revision, finished, deleted), dead-lettered, being
+        processed by a live attempt, or its retry not due yet."""
+        now = self._clock()
+        with self._engine.begin() as conn:
+            q = select(Study.id, Study.study_uid, Study.revision, Study.state).where(
+                Study.id == study_id
             )
-            job_id = conn.execute(
-                insert(Job)
-                .values(
-                    study_id=row.id,
-                    study_revision=row.revision,
-                    attempt=attempt,
-                    state=JobState.RUNNING,
-                    claimed_by=self._worker_id,
-                    started_at=now,
-                    heartbeat_at=now,
+            if conn.dialect.name == "postgresql":
+                q = q.with_for_update(of=Study)
+            row = conn.execute(q).first()
+            if row is None or row.revision != revision:
+                return Unclaimed("gone")
+            if row.state == StudyState.FAILED:
+                return Unclaimed("dead")
+            if row.state == StudyState.PROCESSING:
+                return Unclaimed("processing")
+            if row.state != StudyState.READY:
+                return Unclaimed("gone")
+            due = conn.scalar(
+                select(func.max(Job.next_attempt_at)).where(
+                    Job.study_id == study_id,
+                    Job.study_revision == revision,
+                    Job.state == JobState.FAILED,
                 )
-                .returning(Job.id)
-            ).scalar_one()
-        return Claim(row.id, row.study_uid, row.revision, job_id, attempt, now)
+            )
+            if due is not None and _aware(due) > now:
+                return Unclaimed("waiting", _aware(due))
+            claim = self._take(conn, row.id, row.study_uid, row.revision, now)
+        return claim if claim is not None else Unclaimed("processing")
+
+    def _take(
+        self, conn: Connection, study_id: int, study_uid: str, revision: int, now: dt.datetime
+    ) -> Claim | None:
+        taken = conn.execute(
+            update(Study)
+            .where(
+                Study.id == study_id,
+                Study.state == StudyState.READY,
+                Study.revision == revision,
+            )
+            .values(state=StudyState.PROCESSING, state_changed_at=now)
+            .returning(Study.id)
+        ).first()
+        if taken is None:
+            return None  # another worker or a late instance got there first
+        attempt = 1 + int(
+            conn.scalar(
+                select(func.count()).where(Job.study_id == study_id, Job.study_revision == revision)
+            )
+            or 0
+        )
+        job_id = conn.execute(
+            insert(Job)
+            .values(
+                study_id=study_id,
+                study_revision=revision,
+                attempt=attempt,
+                state=JobState.RUNNING,
+                claimed_by=self._worker_id,
+                started_at=now,
+                heartbeat_at=now,
+            )
+            .returning(Job.id)
+        ).scalar_one()
+        return Claim(study_id, study_uid, revision, job_id, attempt, now)
+
+    def retry_delay(self, attempt: int) -> float | None:
+        """Seconds before the next attempt after failed attempt ``attempt`` (1-based); None
+        when it was the last (``pipeline.retry_seconds`` has one delay per retry)."""
+        return None if attempt > len(self._retries) else self._retries[attempt - 1]
 
     def fail(self, claim: Claim, reason: str) -> bool:
         """Record a failed attempt; True when it was the last (job dead, study failed).

@@ -20,6 +20,7 @@ image shows the series with the highest probability.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import socket
@@ -36,7 +37,7 @@ from pacs_ai.config import Settings
 from pacs_ai.db.models import Instance, Report, Series, utcnow
 from pacs_ai.delivery.outbox import Outbox
 from pacs_ai.errors import PacsAiError, safe_reason
-from pacs_ai.jobs import Claim, JobLedger, StaleAttempt
+from pacs_ai.jobs import Claim, DeadLettered, JobLedger, RetryLater, StaleAttempt, Unclaimed
 from pacs_ai.logs import uid_ref
 from pacs_ai.results import BuiltReport, record_results
 from pacs_ai.scoring import (
@@ -52,8 +53,6 @@ from pacs_ai.storage.cache import instance_reader
 # highdicom (reporting) takes seconds to import; it is imported on the pipeline thread when it
 # first needs it, so `serve` starts listening at once.
 if TYPE_CHECKING:
-    import datetime as dt
-
     from pacs_ai.reporting import ReportRequest
 
 log = logging.getLogger(__name__)
@@ -132,11 +131,50 @@ class Pipeline:
     # --- one study -------------------------------------------------------------------------
 
     def run_once(self) -> bool:
-        """Claim and process one ready study; False when there was none."""
+        """Claim and process one ready study; False when there was none (SQLite: this
+        thread's loop; PostgreSQL uses :meth:`run_study` from the queue)."""
         claim = self.ledger.claim()
         if claim is None:
             return False
+        self.run_claim(claim)
+        return True
+
+    def run_study(self, study_id: int, revision: int) -> None:
+        """The queue's task (PostgreSQL): claim this study revision and process it.
+
+        Returns when there is nothing (more) to do for it; raises :class:`RetryLater` (its
+        retry is not due, another attempt still holds it, or this attempt failed with
+        retries left) or :class:`DeadLettered` (the study is ``failed``), which the queue's
+        retry strategy turns into a scheduled retry or a failed job (its dead-letter).
+        """
+        claim = self.ledger.claim_study(study_id, revision)
+        if isinstance(claim, Unclaimed):
+            if claim.why == "dead":
+                raise DeadLettered(f"study {study_id} revision {revision} is failed")
+            if claim.why == "waiting" and claim.retry_at is not None:
+                raise RetryLater(f"study {study_id}: retry not due yet", claim.retry_at)
+            if claim.why == "processing":
+                # A running attempt holds it: this job comes back once that attempt has
+                # finished (then "gone") or been declared dead (then due or waiting).
+                wait = dt.timedelta(seconds=self._settings.pipeline.heartbeat_seconds)
+                raise RetryLater(f"study {study_id}: an attempt is running", self._clock() + wait)
+            return  # gone: another revision, finished or deleted
+        failure = self.run_claim(claim)
+        if failure is None:
+            return
+        delay = self.ledger.retry_delay(claim.attempt)
+        if failure or delay is None:
+            raise DeadLettered(f"study {study_id}: attempt {claim.attempt} failed, the last")
+        raise RetryLater(
+            f"study {study_id}: attempt {claim.attempt} failed",
+            self._clock() + dt.timedelta(seconds=delay),
+        )
+
+    def run_claim(self, claim: Claim) -> bool | None:
+        """Process a claimed study; None when done (or fenced out), else whether the failed
+        attempt was the last (dead-lettered)."""
         started = time.perf_counter()
+        failed: bool | None = None
         try:
             with _Heartbeat(self.ledger, claim, self._settings.pipeline.heartbeat_seconds):
                 self._process(claim)
@@ -150,14 +188,14 @@ class Pipeline:
         except Exception as exc:
             if not isinstance(exc, PacsAiError):
                 log.error("study %d: unexpected %s", claim.study_id, type(exc).__name__)
-            self.ledger.fail(claim, safe_reason(exc))
+            failed = self.ledger.fail(claim, safe_reason(exc))
         log.info(
             "study %d (rev %d) processed in %.0f ms",
             claim.study_id,
             claim.revision,
             (time.perf_counter() - started) * 1000,
         )
-        return True
+        return failed
 
     def _process(self, claim: Claim) -> None:
         from pacs_ai.reporting import output

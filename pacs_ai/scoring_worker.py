@@ -35,7 +35,8 @@ from pacs_ai.scoring import ModelProvider, ModelSummary, StudyAnalysis, StudyReq
 log = logging.getLogger(__name__)
 
 # Test-only fault injection, read in the child at each job: "exit" (the child dies with
-# os._exit), "kill" (SIGKILL to itself), "hang" (never answers). Never set in production.
+# os._exit), "kill" (SIGKILL to itself), "hang" (never answers), "until:PATH" (creates PATH.waiting,
+# answers once PATH exists: a late result). Never set in production.
 FAULT_ENV = "PACS_AI_TEST_WORKER_FAULT"
 _MEMORY_EXIT = 3
 _STOP_WAIT = 10.0
@@ -320,3 +321,10 @@ def _inject_fault() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if fault == "hang":
         time.sleep(3600)
+    if fault.startswith("until:"):  # a late answer: "until:PATH" answers once PATH exists
+        release = Path(fault.removeprefix("until:"))
+        release.with_name(release.name + ".waiting").touch()  # the test sees it is scoring
+        for _ in range(36000):  # at most an hour
+            if release.exists():
+                return
+            time.sleep(0.1)

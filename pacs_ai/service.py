@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,7 @@ from pacs_ai.storage.retention import Retention
 from pacs_ai.storage.uploader import Uploader
 
 if TYPE_CHECKING:
+    from pacs_ai.taskqueue import Deferrer, QueueWorker
     from pacs_ai.web import HttpServer
 
 log = logging.getLogger(__name__)
@@ -131,14 +133,26 @@ class Service:
                     )
                 )
         self.pipeline: Pipeline | None = self.pipelines[0] if self.pipelines else None
+        # PostgreSQL: procrastinate drives the pipelines (pacs_ai.taskqueue), every role;
+        # SQLite: the pipeline threads poll the ledger.
+        self.queue_worker: QueueWorker | None = None
+        self.deferrer: Deferrer | None = None
+        if self.engine.dialect.name == "postgresql":
+            from pacs_ai.taskqueue import Deferrer, QueueWorker
+
+            if self.pipelines:
+                self.queue_worker = QueueWorker(self.engine, settings, self.pipelines)
+            if self.parts.listener:
+                self.deferrer = Deferrer(self.engine)
         self.assembler: Assembler | None = None
         self.server: DicomServer | None = None
         if self.parts.listener:
-            self.assembler = Assembler(
-                self.engine,
-                settings.assembly,
-                on_ready=self._wake_pipelines if self.pipelines else None,
+            on_ready: Callable[[list[int]], None] | None = (
+                self._wake_pipelines if self.pipelines else None
             )
+            if self.deferrer is not None:
+                on_ready = self._queue_ready
+            self.assembler = Assembler(self.engine, settings.assembly, on_ready=on_ready)
             self.server = DicomServer(
                 settings, self.engine, self.spool, on_association_end=self._association_ended
             )
@@ -154,6 +168,10 @@ class Service:
             if self.pipelines:  # report files are made here: put them there too
                 self.report_uploader = ReportUploader(self.engine, settings, store)
         self.http = self._make_http() if self.parts.http else None
+
+    def _queue_ready(self, study_ids: list[int]) -> None:
+        assert self.deferrer is not None
+        self.deferrer.defer_studies(study_ids)
 
     def _wake_pipelines(self, study_ids: object = None) -> None:
         for p in self.pipelines:
@@ -239,13 +257,21 @@ class Service:
             ledger = self.pipelines[0].ledger
             single = self.engine.dialect.name == "sqlite" and self.parts.role != "worker"
             ledger.recover_stale(dt.timedelta(seconds=0 if single else stalled))
-            self.scheduler.every(
-                STALE_JOB,
-                self.settings.pipeline.heartbeat_seconds,
-                lambda: ledger.recover_stale(dt.timedelta(seconds=stalled)),
-            )
-            for p in self.pipelines:
-                p.start()
+            if self.queue_worker is not None:
+                # PostgreSQL: the same sweep also retries procrastinate jobs of dead workers
+                # and re-defers ready studies that have no job (pacs_ai.taskqueue).
+                self.queue_worker.start()
+                self.scheduler.every(
+                    STALE_JOB, self.settings.pipeline.heartbeat_seconds, self.queue_worker.sweep
+                )
+            else:
+                self.scheduler.every(
+                    STALE_JOB,
+                    self.settings.pipeline.heartbeat_seconds,
+                    lambda: ledger.recover_stale(dt.timedelta(seconds=stalled)),
+                )
+                for p in self.pipelines:
+                    p.start()
         if self.parts.sender:
             self.scheduler.every(
                 DELIVERY_JOB, self.settings.delivery.poll_seconds, self.outbox.run_due
@@ -289,11 +315,16 @@ class Service:
             self.server.stop()
         if self.uploader is not None:
             self.uploader.stop()
-        for p in self.pipelines:
-            p.stop()
+        if self.queue_worker is not None:
+            self.queue_worker.stop()
+        else:
+            for p in self.pipelines:
+                p.stop()
         if self.report_uploader is not None:
             self.report_uploader.stop()
         self.scheduler.shutdown()
+        if self.deferrer is not None:
+            self.deferrer.close()
         self.engine.dispose()
 
     def run_forever(self) -> None:

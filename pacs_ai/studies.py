@@ -1,8 +1,9 @@
 """Admin actions on one study: re-run it as a new revision, re-deliver its reports.
 
 A re-run puts a finished study back to ``ready`` with its revision bumped, exactly as a late
-instance does once its series complete: the pipeline scores it again and the new report names
-the previous one in its Predecessor Documents Sequence (report UIDs include the revision).
+instance does once its series complete: the pipeline scores it again (on PostgreSQL it is
+deferred to the queue at once) and the new report names the previous one in its Predecessor
+Documents Sequence (report UIDs include the revision).
 """
 
 from __future__ import annotations
@@ -71,4 +72,10 @@ def rerun_study(
                 "revision": study.revision + 1,
             },
         )
+    if engine.dialect.name == "postgresql":
+        # PostgreSQL: queue it now (procrastinate); the workers' periodic re-defer of ready
+        # studies catches it up if this fails.
+        from pacs_ai.taskqueue import defer_once
+
+        defer_once(engine, [study.id])
     return study

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from pacs_ai.errors import ImagingError, NotApplicable, PacsAiError
-from pacs_ai.inference.ood import DEFAULT_QUANTILE
+from pacs_ai.inference.ood_spec import DEFAULT_QUANTILE
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -19,63 +19,23 @@ person can be shown.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
 
 from pacs_ai.errors import DecodeLimitExceeded, ImagingError
-from pacs_ai.imaging.ct import LUNG_WINDOW, MEDIASTINAL_WINDOW, plan_volume, select_evenly
+from pacs_ai.imaging.ct import plan_volume, select_evenly
 from pacs_ai.imaging.decode import DEFAULT_LIMITS
 from pacs_ai.imaging.gating import CT_SOP_CLASSES
 from pacs_ai.imaging.geometry import fit_square
+from pacs_ai.imaging.spec import InputSpec
 from pacs_ai.imaging.tensorprep import decode_dataset, finish
 
 PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 _MAX_PICTURE_PIXELS = DEFAULT_LIMITS.max_rows * DEFAULT_LIMITS.max_columns
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a model takes: ``kind``, square ``size``, CT ``windows`` (center, width) one per
-    channel, and how many CT slices are scored per series (``ct_slices``)."""
-
-    kind: Literal["cxr", "ct"]
-    size: int
-    windows: tuple[tuple[float, float], ...] = field(default=())
-    ct_slices: int = 24
-
-    @property
-    def channels(self) -> int:
-        return 1 if self.kind == "cxr" else len(self.windows)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "size": self.size,
-            "channels": self.channels,
-            "windows": [list(w) for w in self.windows],
-            "ct_slices": self.ct_slices,
-            "range": "[0, 1]; the model normalises (cxr: per image mean/std; ct: fixed)",
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
-        return cls(
-            kind=data["kind"],
-            size=int(data["size"]),
-            windows=tuple((float(c), float(w)) for c, w in data.get("windows", [])),
-            ct_slices=int(data.get("ct_slices", 24)),
-        )
-
-    @classmethod
-    def default(cls, kind: Literal["cxr", "ct"], size: int | None = None) -> InputSpec:
-        if kind == "cxr":
-            return cls("cxr", size or 224)
-        return cls("ct", size or 128, (LUNG_WINDOW, MEDIASTINAL_WINDOW))
 
 
 def xray_input(ds: Dataset, spec: InputSpec) -> np.ndarray:

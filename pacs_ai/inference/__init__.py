@@ -7,16 +7,28 @@ Public surface::
     LoadedModel.card / .device / .score_series(series) -> list[SeriesScore]
     bundled_model_dir("cxr" | "ct") -> Path
     resolve_model_dir("bundled:cxr" | path) -> Path
+
+Importing this package does not import torch: the card, the bundled-model paths and the
+other pure-data names are plain imports, while the torch-backed names of
+:mod:`pacs_ai.inference.runner` (``load_model``, ``LoadedModel``, ``SeriesScore``,
+``select_device``) resolve on first use (PEP 562 module ``__getattr__``). The ``pacs-ai
+serve`` parent process (listener, assembly, outbox, console) relies on this; only the
+scoring child (:mod:`pacs_ai.scoring_worker`) loads models. ``tests/unit/test_imports.py``
+checks it.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pacs_ai.codes import Code
 from pacs_ai.errors import ModelError
 from pacs_ai.inference.card import Finding, ModelCard, load_card
-from pacs_ai.inference.runner import LoadedModel, SeriesScore, load_model, select_device
+
+if TYPE_CHECKING:
+    from pacs_ai.inference.runner import LoadedModel, SeriesScore, load_model, select_device
 
 BUNDLED_PREFIX = "bundled:"
 
@@ -33,6 +45,27 @@ __all__ = [
     "resolve_model_dir",
     "select_device",
 ]
+
+# name -> module that defines it; imported on first attribute access (torch-backed)
+_LAZY: dict[str, str] = {
+    "LoadedModel": "pacs_ai.inference.runner",
+    "SeriesScore": "pacs_ai.inference.runner",
+    "load_model": "pacs_ai.inference.runner",
+    "select_device": "pacs_ai.inference.runner",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def bundled_model_dir(kind: str) -> Path:

@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 from pacs_ai.codes import COVID19, PNEUMONIA, Code
 from pacs_ai.errors import ModelError, ModelRefused
-from pacs_ai.imaging.prepare import InputSpec
+from pacs_ai.imaging.spec import InputSpec
 from pacs_ai.inference.card_schema import validate_card
-from pacs_ai.inference.ood import OodSpec
+from pacs_ai.inference.ood_spec import OodSpec
 
 CARD_FILE = "card.json"
 SAFETENSORS_FILE = "model.safetensors"

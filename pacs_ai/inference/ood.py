@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,52 +29,19 @@ from safetensors.torch import load_file, save_file
 
 from pacs_ai.errors import ModelError
 from pacs_ai.inference.card_files import read_card_file
+from pacs_ai.inference.ood_spec import DEFAULT_QUANTILE, METHOD, OOD_FILE, OodSpec
 
-OOD_FILE = "ood.safetensors"
-METHOD = "mahalanobis_shared_covariance"
-DEFAULT_QUANTILE = 0.9999
-
-
-@dataclass(frozen=True)
-class OodSpec:
-    """The card's ``ood`` section."""
-
-    threshold: float
-    quantile: float
-    method: str = METHOD
-    file: str = OOD_FILE
-    sha256: str = ""
-    feature: str = "penultimate"
-    series_score: str = "mean over the scored images / slices"
-    heldout_units: int = 0
-    false_refusal_rate: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "feature": self.feature,
-            "file": self.file,
-            "sha256": self.sha256,
-            "series_score": self.series_score,
-            "threshold": round(self.threshold, 3),
-            "quantile": self.quantile,
-            "heldout_units": self.heldout_units,
-            "false_refusal_rate": self.false_refusal_rate or {},
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> OodSpec:
-        return cls(
-            threshold=float(data["threshold"]),
-            quantile=float(data["quantile"]),
-            method=str(data.get("method", METHOD)),
-            file=str(data.get("file", OOD_FILE)),
-            sha256=str(data.get("sha256", "")),
-            feature=str(data.get("feature", "penultimate")),
-            series_score=str(data.get("series_score", "")),
-            heldout_units=int(data.get("heldout_units", 0)),
-            false_refusal_rate=dict(data.get("false_refusal_rate") or {}),
-        )
+# The pure-data names live in ood_spec (torch-free); re-exported here for callers that fit.
+__all__ = [
+    "DEFAULT_QUANTILE",
+    "METHOD",
+    "OOD_FILE",
+    "OodDensity",
+    "OodSpec",
+    "fit_density",
+    "refusal_reason",
+    "threshold_at",
+]
 
 
 @dataclass(frozen=True)

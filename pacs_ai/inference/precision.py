@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pacs_ai.imaging.ct import hu_window
-from pacs_ai.imaging.prepare import InputSpec
+from pacs_ai.imaging.spec import InputSpec
 
 # Native bf16 CPU features, in the order they are named in the reason.
 BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16")

@@ -23,12 +23,12 @@ from pacs_ai.errors import ImagingError, PacsAiError
 from pacs_ai.imaging.decode import read_dataset, read_header
 from pacs_ai.imaging.prepare import (
     PICTURE_SUFFIXES,
-    InputSpec,
     ct_input,
     ct_scored_slices,
     picture_input,
     xray_input,
 )
+from pacs_ai.imaging.spec import InputSpec
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ import numpy as np
 from pacs_ai.errors import ModelRefused
 from pacs_ai.inference.aggregate import aggregate
 from pacs_ai.inference.card import ModelCard
-from pacs_ai.inference.ood import DEFAULT_QUANTILE, OodDensity, OodSpec, fit_density, threshold_at
+from pacs_ai.inference.ood import OodDensity, fit_density, threshold_at
+from pacs_ai.inference.ood_spec import DEFAULT_QUANTILE, OodSpec
 
 # (N, C, S, S) float32 -> probabilities (N, K), features (N, D)
 Forward = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]

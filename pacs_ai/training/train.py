@@ -32,11 +32,11 @@ from tqdm import tqdm
 
 from pacs_ai import __version__
 from pacs_ai.errors import ModelRefused
-from pacs_ai.imaging.prepare import InputSpec
+from pacs_ai.imaging.spec import InputSpec
 from pacs_ai.inference.aggregate import aggregate
 from pacs_ai.inference.architectures import Classifier
 from pacs_ai.inference.card import ModelCard, deployment_problems, findings_for
-from pacs_ai.inference.ood import DEFAULT_QUANTILE
+from pacs_ai.inference.ood_spec import DEFAULT_QUANTILE
 from pacs_ai.inference.precision import DEFAULT_BF16_TOLERANCE, precision_check
 from pacs_ai.inference.runner import build_from_card, save_weights, select_device
 from pacs_ai.training.augment import augment

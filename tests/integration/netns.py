@@ -33,6 +33,9 @@ import pytest
 
 _IP = "/usr/sbin/ip" if Path("/usr/sbin/ip").exists() else "/sbin/ip"
 _STALE_PREFIX = "pacsai"
+# Which process owns each network (by its prefix): a concurrent test run's namespaces are
+# left alone, only those of a run that is gone are removed.
+_OWNERS = Path("/run/pacs-ai-test-netns")
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -53,17 +56,28 @@ def require_netns() -> None:
     pytest.skip(f"{why}; on CI this fails instead of skipping")
 
 
+def _owner_alive(name: str) -> bool:
+    prefix = name[: len(_STALE_PREFIX) + 4]
+    try:
+        pid = int((_OWNERS / prefix).read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def remove_stale() -> None:
-    """Namespaces and bridges an earlier, killed test run left behind."""
+    """Namespaces and bridges an earlier, killed test run left behind (not those of a
+    test run still alive)."""
     listed = _ip("netns", "list", check=False).stdout.split("\n")
     for line in listed:
         name = line.split(" ", 1)[0]
-        if name.startswith(_STALE_PREFIX):
+        if name.startswith(_STALE_PREFIX) and not _owner_alive(name):
             _kill_all(name)
             _ip("netns", "del", name, check=False)
     for line in _ip("-o", "link", "show", "type", "bridge", check=False).stdout.splitlines():
         name = line.split(":", 2)[1].strip().split("@", 1)[0]
-        if name.startswith(_STALE_PREFIX):
+        if name.startswith(_STALE_PREFIX) and not _owner_alive(name):
             _ip("link", "del", name, check=False)
 
 
@@ -122,6 +136,8 @@ class Network:
         remove_stale()
         tag = uuid.uuid4().hex[:4]
         self.prefix = f"{_STALE_PREFIX}{tag}"
+        _OWNERS.mkdir(parents=True, exist_ok=True)
+        (_OWNERS / self.prefix).write_text(str(os.getpid()))
         octets = int(tag, 16)
         self.subnet = f"10.{200 + octets % 50}.{octets % 250}"
         self.gateway = f"{self.subnet}.1"
@@ -141,6 +157,7 @@ class Network:
             _kill_all(host.netns)
             _ip("netns", "del", host.netns, check=False)
         _ip("link", "del", self.bridge, check=False)
+        (_OWNERS / self.prefix).unlink(missing_ok=True)
 
 
 def wait_for_port(host: Host | None, address: str, port: int, timeout: float) -> None:
@@ -207,6 +224,10 @@ class PostgresHost:
                     "fsync=on",
                     "-c",
                     "max_connections=200",
+                    # A client whose link was cut mid-transaction would hold its row locks
+                    # until TCP gave up (hours): the server ends such a session instead.
+                    "-c",
+                    "idle_in_transaction_session_timeout=10s",
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -89,6 +89,10 @@ class RgwCluster:
     access_key: str = field(default_factory=lambda: secrets.token_hex(10).upper())
     secret_key: str = field(default_factory=lambda: secrets.token_hex(20))
     region: str = "default"
+    # A storage host of its own (tests/integration/netns.py): every command runs behind
+    # ``prefix`` (``ip netns exec NAME``) and radosgw listens on ``rgw_address``.
+    prefix: tuple[str, ...] = ()
+    rgw_address: str = "127.0.0.1"
     mon_port: int = 0
     rgw_port: int = 0
     startup_seconds: dict[str, float] = field(default_factory=dict)
@@ -100,7 +104,7 @@ class RgwCluster:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.rgw_port}"
+        return f"http://{self.rgw_address}:{self.rgw_port}"
 
     @property
     def log_dir(self) -> Path:
@@ -172,7 +176,7 @@ osd max object name len = 460
 osd max object namespace len = 64
 {store}[client.rgw]
 rgw data = {r}/rgw
-rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port}
+rgw frontends = beast endpoint={self.rgw_address}:{self.rgw_port}
 rgw dns name = localhost
 rgw thread pool size = 32
 rgw enable usage log = false
@@ -183,7 +187,7 @@ rgw cache enabled = false
 
     def _run(self, *args: str, timeout: float = 60) -> str:
         proc = subprocess.run(
-            [*args],
+            [*self.prefix, *args],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -205,7 +209,7 @@ rgw cache enabled = false
     def _spawn(self, name: str, *args: str) -> None:
         out = (self.log_dir / f"{name}.stdout").open("ab")
         self._procs[name] = subprocess.Popen(
-            [*args],
+            [*self.prefix, *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=self.root,

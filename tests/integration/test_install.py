@@ -110,7 +110,9 @@ def test_wheel_installs_into_a_clean_venv_and_serves(tmp_path: Path) -> None:
         assert shipped in names, shipped
     versions = "pacs_ai/db/migrations/versions/"
     assert {n for n in names if n.startswith(versions)} == {
-        versions + p.name for p in (REPO / versions).glob("*.py")
+        versions + p.name
+        for p in (REPO / versions).iterdir()
+        if p.suffix in (".py", ".sql")  # every migration and the queue schema it applies
     }
 
     venv = _venv_sharing_dependencies(tmp_path)

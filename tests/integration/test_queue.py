@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +120,14 @@ def test_late_commit_of_a_fenced_attempt_is_refused(
 class RoleProcess(ServerProcess):
     """``pacs-ai serve --role ROLE`` as a child process; started when its summary is logged."""
 
-    def start_role(self, role: str, env: dict[str, str] | None = None) -> int:
+    def start_role(
+        self, role: str, env: dict[str, str] | None = None, prefix: Sequence[str] = ()
+    ) -> int:
+        """``prefix``: run it behind that (``ip netns exec NAME``: on another host)."""
         log = self.log_path.open("ab")
         args = ["serve", "--role", role, "--config", str(self.config)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pacs_ai", *args],
+            [*prefix, sys.executable, "-m", "pacs_ai", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},

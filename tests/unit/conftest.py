@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pacs_ai.imaging.prepare import InputSpec
+from pacs_ai.imaging.spec import InputSpec
 from pacs_ai.inference.card import ModelCard, findings_for
 from pacs_ai.inference.runner import build_from_card, save_weights
 

@@ -13,7 +13,8 @@ from pydicom.dataset import Dataset
 
 from pacs_ai.imaging.ct import hu_window, plan_volume, rescale_of, select_evenly, to_hu
 from pacs_ai.imaging.decode import read_dataset, stored_values
-from pacs_ai.imaging.prepare import InputSpec, ct_input
+from pacs_ai.imaging.prepare import ct_input
+from pacs_ai.imaging.spec import InputSpec
 from pacs_ai.training import dicomwriter as dw
 
 

@@ -21,7 +21,8 @@ from pacs_ai.imaging.decode import (
     stored_values,
 )
 from pacs_ai.imaging.gating import assess_series
-from pacs_ai.imaging.prepare import InputSpec, xray_input
+from pacs_ai.imaging.prepare import xray_input
+from pacs_ai.imaging.spec import InputSpec
 from pacs_ai.training import dicomwriter as dw
 
 

@@ -14,7 +14,7 @@ from pacs_ai.cli import main
 from pacs_ai.config import MonitoringSettings
 from pacs_ai.db.models import AuditEvent, ModelAlert, ModelObservation
 from pacs_ai.db.session import upgrade
-from pacs_ai.imaging.prepare import InputSpec
+from pacs_ai.imaging.spec import InputSpec
 from pacs_ai.inference.card import ModelCard, findings_for
 from pacs_ai.monitoring import Scored, observe, open_alerts, psi, summary
 

@@ -18,8 +18,9 @@ from pydicom.dataset import Dataset
 from pacs_ai.errors import ImagingError
 from pacs_ai.imaging.ct import LUNG_WINDOW, MEDIASTINAL_WINDOW
 from pacs_ai.imaging.decode import read_dataset, stored_values
-from pacs_ai.imaging.prepare import InputSpec, ct_input, xray_input
+from pacs_ai.imaging.prepare import ct_input, xray_input
 from pacs_ai.imaging.reference import ct_input_reference, xray_input_reference
+from pacs_ai.imaging.spec import InputSpec
 from pacs_ai.imaging.tensorprep import (
     _read_native,
     decode_dataset,

@@ -11,7 +11,7 @@ import pytest
 
 from pacs_ai.cli import main
 from pacs_ai.errors import ModelRefused
-from pacs_ai.imaging.prepare import InputSpec
+from pacs_ai.imaging.spec import InputSpec
 from pacs_ai.inference import load_model
 from pacs_ai.training.datasets import discover, load_xray_inputs, patient_split
 from pacs_ai.training.metrics import threshold_for_sensitivity, wilson

@@ -17,10 +17,17 @@ config = context.config
 target_metadata = Base.metadata
 
 
+def _ours(name: str | None, type_: str, _parents: object) -> bool:
+    """procrastinate's tables (migration ``procrastinate``, PostgreSQL) are not in the models:
+    autogenerate leaves them alone."""
+    return not (type_ == "table" and (name or "").startswith("procrastinate_"))
+
+
 def _run(connection: object) -> None:
     context.configure(
         connection=connection,  # type: ignore[arg-type]
         target_metadata=target_metadata,
+        include_name=_ours,
         render_as_batch=True,  # SQLite needs batch mode for ALTER
         compare_type=True,
     )
