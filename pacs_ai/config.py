@@ -179,7 +179,8 @@ class StorageSettings(_Section):
     upload_concurrency: Annotated[int, Field(ge=1, le=32)] = 4
     upload_poll_seconds: Annotated[float, Field(gt=0, le=60)] = 0.5
     upload_max_backoff_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
-    # /metrics and /readyz flag the upload lag (oldest instance not uploaded) above this.
+    # /metrics and the console flag the upload lag (oldest instance not uploaded) above
+    # this; not /readyz: a lagging uploader does not stop the gateway receiving.
     upload_lag_alert_seconds: Annotated[float, Field(gt=0)] = 300.0
 
     @model_validator(mode="after")

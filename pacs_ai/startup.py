@@ -11,6 +11,7 @@ prints it as one line on stderr and exits with status 3.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import socket
@@ -25,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_ai import __version__
 from pacs_ai.config import DicomSettings, Settings
-from pacs_ai.errors import StartupError
+from pacs_ai.errors import PacsAiError, StartupError
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from pacs_ai.scoring import ModelSummary
 
 _MB = 1024 * 1024
+log = logging.getLogger(__name__)
 
 
 def masked_url(url: str) -> str:
@@ -130,6 +132,23 @@ def preflight(settings: Settings, listener: bool, pipeline: bool | None = None) 
         check_writable(settings.reports.path, "reports.path")
     if listener:
         check_tls(settings)
+    check_object_store(settings)
+
+
+def check_object_store(settings: Settings) -> None:
+    """With ``storage.backend = "s3"``: a missing bucket or refused credentials refuse the
+    start; a store that does not answer only warns (the gateway's local buffer holds what
+    arrives until it does, and workers wait for it)."""
+    if settings.storage.backend != "s3":
+        return
+    from pacs_ai.storage.objects import ObjectStoreUnavailable, S3Store
+
+    try:
+        S3Store(settings.storage).check_bucket()
+    except ObjectStoreUnavailable as exc:
+        log.warning("object store not reachable at start (%s); uploads wait for it", exc)
+    except PacsAiError as exc:
+        raise StartupError(str(exc)) from exc
 
 
 def listen_problem(dicom: DicomSettings, exc: OSError) -> str:

@@ -39,6 +39,9 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _CHUNK = 1 << 20
 
 
+NO_BUCKET = "the bucket storage.s3_bucket does not exist at storage.s3_endpoint: create it"
+
+
 class ObjectStoreError(PacsAiError):
     """The object store could not do what was asked."""
 
@@ -205,6 +208,8 @@ class S3Store:
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
             if code in ("PreconditionFailed", "412") or status == 412:
                 raise ObjectConflict(f"object {key_ref(sha256)} exists") from exc
+            if code == "NoSuchBucket":
+                raise ObjectStoreUnavailable(NO_BUCKET) from exc
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
                 raise ObjectMissing(f"no object {key_ref(sha256)}") from exc
             if status >= 500 or status in (0, 408, 429):
@@ -230,6 +235,8 @@ class S3Store:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if status == 412:
                 raise ObjectConflict("object exists") from exc
+            if code == "NoSuchBucket":
+                raise ObjectStoreUnavailable(NO_BUCKET) from exc
             if status == 404:
                 raise ObjectMissing("no such object") from exc
             if status >= 500 or status in (0, 408, 429):
@@ -357,6 +364,27 @@ class S3Store:
         except ObjectMissing:
             return False
         return True
+
+    def check_bucket(self) -> None:
+        """The bucket exists and these credentials may use it: :class:`ObjectStoreError`
+        with the reason when not, :class:`ObjectStoreUnavailable` when the store does not
+        answer (a gateway still starts then: its local buffer holds what arrives)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            if status == 404:
+                raise ObjectStoreError(NO_BUCKET) from exc
+            if status in (401, 403):
+                raise ObjectStoreError(
+                    f"S3 refused these credentials for the bucket (HTTP {status}): check "
+                    "PACS_AI_S3_ACCESS_KEY_ID / PACS_AI_S3_SECRET_ACCESS_KEY"
+                ) from exc
+            raise ObjectStoreUnavailable(f"S3 head_bucket: HTTP {status}") from exc
+        except BotoCoreError as exc:
+            raise ObjectStoreUnavailable(f"S3 head_bucket: {exc.__class__.__name__}") from exc
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (tests, first start)."""

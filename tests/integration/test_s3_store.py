@@ -4,6 +4,7 @@ conditional writes, verified downloads, the bounded cache."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from pathlib import Path
 
@@ -12,16 +13,20 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from pacs_ai.errors import StartupError
 from pacs_ai.ingest.spool import dataset_sha256, part10_header
+from pacs_ai.startup import check_object_store
 from pacs_ai.storage import cache as cache_module
 from pacs_ai.storage.cache import ObjectCache, instance_reader
 from pacs_ai.storage.objects import (
+    NO_BUCKET,
     ObjectConflict,
     ObjectMissing,
     ObjectStoreUnavailable,
     PutOutcome,
     S3Store,
 )
+from tests.conftest import free_port, make_settings
 from tests.integration.conftest import rgw_storage
 from tests.integration.rgw import RgwCluster
 
@@ -203,3 +208,23 @@ def test_named_objects_for_report_files(rgw: RgwCluster, tmp_path: Path) -> None
             store.put_named(bad, report)
     store.delete_named(name)
     assert not store.exists_named(name)
+
+
+def test_start_refused_without_the_bucket_warned_without_the_store(
+    rgw: RgwCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = rgw_storage(rgw).model_copy(update={"s3_bucket": "no-such-bucket-here"})
+    settings = make_settings(tmp_path, "sqlite://").model_copy(update={"storage": missing})
+    with pytest.raises(StartupError) as refused:
+        check_object_store(settings)
+    assert str(refused.value) == NO_BUCKET
+    away = rgw_storage(rgw).model_copy(
+        update={"s3_endpoint": f"http://127.0.0.1:{free_port()}", "s3_timeout_seconds": 1.0}
+    )
+    with caplog.at_level(logging.WARNING, logger="pacs_ai.startup"):
+        check_object_store(settings.model_copy(update={"storage": away}))
+    assert [r.getMessage() for r in caplog.records if r.name == "pacs_ai.startup"] == [
+        "object store not reachable at start (S3 head_bucket: EndpointConnectionError); "
+        "uploads wait for it"
+    ]
+    check_object_store(settings.model_copy(update={"storage": rgw_storage(rgw)}))
