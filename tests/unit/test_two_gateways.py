@@ -205,4 +205,4 @@ def test_recovery_touches_only_its_own_gateway(cluster: _Cluster) -> None:
             )
         )
         legacy_id = c.scalar(select(Instance.id).where(Instance.sha256 == k.legacy.sha256))
-    assert [int(m) for m in missing] == [legacy_id]
+    assert missing == [legacy_id]
