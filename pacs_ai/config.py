@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -301,6 +302,15 @@ class ServiceSettings(_Section):
     # scores studies only), "sender" (delivery outbox only). Several processes with different
     # roles share one PostgreSQL database.
     role: Role = "all"
+    # This gateway's name (1-64 characters; default: the host name), recorded on the
+    # associations and instances it receives. Its uploader and start-up recovery touch only
+    # its own rows (and rows from before the name was recorded): two gateways on one
+    # database, each with its own spool, must have distinct names.
+    node_name: str = Field(
+        default_factory=lambda: socket.gethostname()[:64] or "gateway",
+        min_length=1,
+        max_length=64,
+    )
 
 
 ObjectKind = Literal["sr", "summary", "text_sr"]

@@ -238,7 +238,7 @@ class Service:
                 self.http.stop()
             raise
         if self.server is not None:
-            recover(self.spool, self.engine)
+            recover(self.spool, self.engine, self.settings.service.node_name)
         if self.uploader is not None:
             self.uploader.refresh()  # the buffer guard counts from the first association
             self.uploader.start()

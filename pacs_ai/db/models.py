@@ -127,6 +127,8 @@ class Association(Base):
     instances_stored: Mapped[int] = mapped_column(Integer, default=0)
     instances_failed: Mapped[int] = mapped_column(Integer, default=0)
     bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+    # service.node_name of the gateway that received it (null: recorded before the name was).
+    gateway: Mapped[str | None] = mapped_column(String(64))
 
 
 class Study(Base):
@@ -210,6 +212,9 @@ class Instance(Base):
     # With storage.backend = "s3": when the object under its sha256 key was confirmed in the
     # bucket (null: still only in the local buffer; the uploader's queue).
     uploaded_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)
+    # service.node_name of the gateway whose spool holds the file (null: recorded before the
+    # name was; every gateway treats such a row as its own).
+    gateway: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class Job(Base):

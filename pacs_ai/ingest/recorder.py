@@ -66,9 +66,12 @@ class IngestRecorder:
         engine: Engine,
         clock: Callable[[], dt.datetime] = utcnow,
         spool_root: Path | None = None,
+        gateway: str | None = None,
     ) -> None:
         self._engine = engine
         self._clock = clock
+        # service.node_name, recorded on the association and instance rows of this gateway.
+        self._gateway = gateway
         # Where stored paths are relative to (checks a restored purged instance's file).
         self._spool_root = spool_root
 
@@ -113,6 +116,7 @@ class IngestRecorder:
                     instances_stored=0,
                     instances_failed=0,
                     bytes_received=0,
+                    gateway=self._gateway,
                     **ended,
                 )
                 .returning(Association.id)
@@ -342,6 +346,7 @@ class IngestRecorder:
                 "received_at": now,
                 "conflicts_with_id": conflicts_with,
                 "times_received": 1,
+                "gateway": self._gateway,
             },
         ).scalar_one()
         s.execute(_TOUCH_SERIES, {"row_id": series_id, "now": now, "assoc": assoc_id})
@@ -398,7 +403,13 @@ class IngestRecorder:
         (it locks against a purge deleting this very file) and the study re-opened."""
         s.execute(
             _RESTORE_PURGED,
-            {"row_id": inst_id, "now": now, "assoc": assoc_id, "path": stored.relpath},
+            {
+                "row_id": inst_id,
+                "now": now,
+                "assoc": assoc_id,
+                "path": stored.relpath,
+                "gateway": self._gateway,
+            },
         )
         if self._spool_root is not None and not (self._spool_root / stored.relpath).exists():
             # A purge deleted the file this arrival had just placed: refuse; the sender retries.
@@ -465,6 +476,7 @@ _RESTORE_PURGED = (
         path=bindparam("path"),
         received_at=bindparam("now"),
         association_id=bindparam("assoc"),
+        gateway=bindparam("gateway"),  # the file is in this gateway's spool now
         times_received=_INSTANCES.c.times_received + 1,
     )
 )

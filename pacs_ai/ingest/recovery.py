@@ -10,6 +10,10 @@ in ``objects/`` and its row in ``instances``; what else may be found is handled 
 - rows whose file is missing: audited as errors (should not happen; an admin must look);
 - associations left open: closed with end reason ``interrupted``, so their X-ray series can
   complete.
+
+With several gateways on one database (``service.node_name``), the last two look only at this
+gateway's rows and at rows recorded before names were (null gateway): another gateway's
+files are on its own disk and its open associations are live.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import ColumnElement, Engine, or_, select, update
 
 from pacs_ai.db.events import write_audit
 from pacs_ai.db.models import Association, Instance, utcnow
@@ -34,7 +38,9 @@ class RecoveryReport:
     associations_closed: int
 
 
-def recover(spool: Spool, engine: Engine) -> RecoveryReport:
+def recover(spool: Spool, engine: Engine, gateway: str | None = None) -> RecoveryReport:
+    """Reconcile ``spool`` with the rows of ``gateway`` (``service.node_name``; None: every
+    row, a single-gateway installation's old behaviour)."""
     partial = spool.prepare()
     with engine.begin() as s:
         known = set(s.scalars(select(Instance.path)).all())
@@ -52,7 +58,15 @@ def recover(spool: Spool, engine: Engine) -> RecoveryReport:
             write_audit(s, "system", "orphan_quarantined", "warning", detail={"file": dest.name})
         missing = 0
         # An uploaded instance (storage.backend = "s3") may have had its local copy evicted.
-        waiting = select(Instance.id, Instance.path).where(Instance.uploaded_at.is_(None))
+        waiting = select(Instance.id, Instance.path).where(
+            Instance.uploaded_at.is_(None), Instance.purged_at.is_(None)
+        )
+        open_assocs: ColumnElement[bool] = Association.ended_at.is_(None)
+        if gateway is not None:
+            waiting = waiting.where(or_(Instance.gateway == gateway, Instance.gateway.is_(None)))
+            open_assocs = open_assocs & or_(
+                Association.gateway == gateway, Association.gateway.is_(None)
+            )
         for inst_id, rel in s.execute(waiting):
             if not (spool.root / rel).is_file():
                 missing += 1
@@ -60,7 +74,7 @@ def recover(spool: Spool, engine: Engine) -> RecoveryReport:
         closed = len(
             s.scalars(
                 update(Association)
-                .where(Association.ended_at.is_(None))
+                .where(open_assocs)
                 .values(ended_at=utcnow(), end_reason="interrupted")
                 .returning(Association.id)
             ).all()

@@ -62,7 +62,7 @@ class DicomServer:
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._refused_pending = 0
-        recorder = IngestRecorder(engine, spool_root=spool.root)
+        recorder = IngestRecorder(engine, spool_root=spool.root, gateway=settings.service.node_name)
         self._ctx = ServerContext(
             settings=settings,
             spool=spool,

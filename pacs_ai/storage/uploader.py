@@ -9,9 +9,13 @@ and its mark the next put answers 412, the content is checked, and the row is ma
 
 While the store is unreachable the thread backs off (doubling up to
 ``upload_max_backoff_seconds``) and ingest goes on into the local buffer; the backlog (count,
-bytes, age of the oldest) is refreshed every round for ``/metrics`` and for the buffer guard,
-which answers C-STORE with 0xA700 once the bytes waiting exceed
-``local_buffer_high_watermark_mb``.
+bytes, age of the oldest) is refreshed every round for the buffer guard, which answers
+C-STORE with 0xA700 once the bytes waiting exceed ``local_buffer_high_watermark_mb``.
+
+Several gateways may share one database, each with its own spool: each uploader takes, and
+its guard counts, only the rows of its own ``service.node_name`` (``instances.gateway``), plus
+rows recorded before that name was (null), which every gateway treats as its own. ``/metrics``
+and the console's lag alert count the rows of all gateways.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily, Metric
-from sqlalchemy import Connection, Engine, func, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, func, or_, select, update
 
 from pacs_ai.config import Settings
 from pacs_ai.db.models import Instance, utcnow
@@ -54,17 +58,25 @@ class Backlog:
         return 0.0 if self.oldest is None else max(0.0, (now - self.oldest).total_seconds())
 
 
-def _waiting() -> tuple[object, ...]:
-    return (Instance.uploaded_at.is_(None), Instance.purged_at.is_(None))
+def _waiting(gateway: str | None = None) -> list[ColumnElement[bool]]:
+    """Rows waiting for upload: of ``gateway`` (and legacy rows without one), or of all
+    gateways when None."""
+    where: list[ColumnElement[bool]] = [
+        Instance.uploaded_at.is_(None),
+        Instance.purged_at.is_(None),
+    ]
+    if gateway is not None:
+        where.append(or_(Instance.gateway == gateway, Instance.gateway.is_(None)))
+    return where
 
 
-def _backlog(conn: Connection) -> Backlog:
+def _backlog(conn: Connection, gateway: str | None = None) -> Backlog:
     row = conn.execute(
         select(
             func.count(Instance.id),
             func.coalesce(func.sum(Instance.size_bytes), 0),
             func.min(Instance.received_at),
-        ).where(*_waiting())  # type: ignore[arg-type]
+        ).where(*_waiting(gateway))
     ).one()
     oldest = row[2]
     if oldest is not None and oldest.tzinfo is None:
@@ -72,10 +84,11 @@ def _backlog(conn: Connection) -> Backlog:
     return Backlog(int(row[0]), int(row[1]), oldest)
 
 
-def upload_backlog(engine: Engine) -> Backlog:
-    """Count, bytes and receive time of the oldest instance waiting for upload."""
+def upload_backlog(engine: Engine, gateway: str | None = None) -> Backlog:
+    """Count, bytes and receive time of the oldest instance waiting for upload: in the spool
+    of ``gateway`` (``service.node_name``), or of all gateways when None."""
     with engine.connect() as conn:
-        return _backlog(conn)
+        return _backlog(conn, gateway)
 
 
 def upload_lag_alert(settings: Settings, engine: Engine) -> str | None:
@@ -95,23 +108,23 @@ def upload_lag_alert(settings: Settings, engine: Engine) -> str | None:
 
 
 def upload_metrics(settings: Settings, conn: Connection, now: dt.datetime) -> Iterator[Metric]:
-    """``/metrics`` gauges of the upload backlog (``storage.backend = "s3"``)."""
+    """``/metrics`` gauges of the upload backlog (``storage.backend = "s3"``), all gateways."""
     backlog = _backlog(conn)
     lag = backlog.lag_seconds(now)
     threshold = settings.storage.upload_lag_alert_seconds
     yield GaugeMetricFamily(
         "pacs_ai_upload_pending_instances",
-        "Instances received but not yet in the object store.",
+        "Instances received but not yet in the object store (all gateways).",
         value=backlog.count,
     )
     yield GaugeMetricFamily(
         "pacs_ai_upload_pending_bytes",
-        "Bytes only in the local buffer (not yet in the object store).",
+        "Bytes only in the local buffers (not yet in the object store; all gateways).",
         value=backlog.bytes,
     )
     yield GaugeMetricFamily(
         "pacs_ai_upload_lag_seconds",
-        "Age of the oldest instance not yet in the object store (0 when none waits).",
+        "Age of the oldest instance not yet in the object store, all gateways (0: none).",
         value=lag,
     )
     yield GaugeMetricFamily(
@@ -126,7 +139,7 @@ def upload_metrics(settings: Settings, conn: Connection, now: dt.datetime) -> It
     )
     yield GaugeMetricFamily(
         "pacs_ai_local_buffer_high_watermark_bytes",
-        "Pending bytes above which C-STORE answers 0xA700 (0: no limit).",
+        "Pending bytes of one gateway above which C-STORE answers 0xA700 (0: no limit).",
         value=settings.storage.local_buffer_high_watermark_mb * 1024 * 1024,
     )
 
@@ -150,6 +163,7 @@ class Uploader:
     ) -> None:
         self._engine = engine
         self._cfg = settings.storage
+        self.gateway = settings.service.node_name  # only this gateway's rows: its spool
         self._root = settings.storage.path.resolve()
         self._store = store
         self._clock = clock
@@ -169,14 +183,14 @@ class Uploader:
 
     def check_buffer(self) -> None:
         """Raise :class:`OutOfResources` (C-STORE 0xA700) when the bytes waiting for upload,
-        as counted by the last round, exceed ``local_buffer_high_watermark_mb``."""
+        of this gateway as counted by the last round, exceed ``local_buffer_high_watermark_mb``."""
         if self._watermark and self.backlog.bytes > self._watermark:
             raise OutOfResources("local buffer above storage.local_buffer_high_watermark_mb")
 
     # --- one round ---------------------------------------------------------------------------
 
     def refresh(self) -> Backlog:
-        self.backlog = upload_backlog(self._engine)
+        self.backlog = upload_backlog(self._engine, self.gateway)
         return self.backlog
 
     def run_once(self) -> int:
@@ -187,7 +201,7 @@ class Uploader:
         with self._engine.connect() as conn:
             rows = conn.execute(
                 select(Instance.id, Instance.sha256, Instance.path)
-                .where(*_waiting())  # type: ignore[arg-type]
+                .where(*_waiting(self.gateway))
                 .order_by(Instance.id)
                 .limit(self._cfg.upload_batch + len(self._skip))
             ).all()
@@ -296,7 +310,8 @@ class Uploader:
 def evict_uploaded(engine: Engine, spool_root: Path, older_than: dt.datetime) -> int:
     """Delete local copies of instances uploaded before ``older_than`` (their objects are in
     the store; the rows keep their paths and readers fall back to the store). Returns how many
-    files were removed."""
+    files were removed. Rows of every gateway are looked at: a path names its content (the
+    sha256), so a duplicate another gateway recorded leaves its copy here to be removed too."""
     root = spool_root.resolve()
     removed = 0
     with engine.connect() as conn:

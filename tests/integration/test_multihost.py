@@ -93,6 +93,7 @@ class Cluster:
                 ]
             },
             http={"enabled": False},
+            service={"node_name": name},  # the hosts share one host name (one UTS namespace)
             storage={
                 "path": str(home / "spool"),
                 "min_free_mb": 1,
@@ -412,6 +413,15 @@ def test_the_same_study_to_both_gateways_one_study_one_sr(cluster: Cluster, tmp_
         assert conn.scalar(select(func.count()).where(Study.study_uid == uid)) == 1
     assert [(a, s, e) for a, s, e, _ in _jobs(c.engine, uid)] == [(1, JobState.SUCCEEDED, None)]
     assert [r.sop_instance_uid for r in _instances(c.engine, uid)] == [dx.SOPInstanceUID]
+    # One row, of the gateway that recorded it first (the other's was a duplicate): that
+    # gateway's uploader put it in the bucket.
+    with c.engine.connect() as conn:
+        owner, uploaded = conn.execute(
+            select(Instance.gateway, Instance.uploaded_at).where(
+                Instance.sop_instance_uid == str(dx.SOPInstanceUID)
+            )
+        ).one()
+    assert owner in ("g1", "g2") and uploaded is not None
     _one_sr_everywhere(c, uid)
     c.stop_workers()
 
