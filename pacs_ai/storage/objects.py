@@ -199,24 +199,44 @@ class S3Store:
         return f"{self.prefix}{check_sha256(sha256)}"
 
     def _call(self, what: str, sha256: str, **kwargs: Any) -> Any:
+        return self._request(what, self.key(sha256), f"object {key_ref(sha256)}", **kwargs)
+
+    def _request(self, what: str, key: str, ref: str, **kwargs: Any) -> Any:
+        """``what`` on ``key``, its errors mapped to ours; ``ref`` names the object in them
+        (never the whole key)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return getattr(self._client, what)(Bucket=self.bucket, Key=self.key(sha256), **kwargs)
+            return getattr(self._client, what)(Bucket=self.bucket, Key=key, **kwargs)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
             if code in ("PreconditionFailed", "412") or status == 412:
-                raise ObjectConflict(f"object {key_ref(sha256)} exists") from exc
+                raise ObjectConflict(f"{ref} exists") from exc
             if code == "NoSuchBucket":
                 raise ObjectStoreUnavailable(NO_BUCKET) from exc
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-                raise ObjectMissing(f"no object {key_ref(sha256)}") from exc
+                raise ObjectMissing(f"no {ref}") from exc
             if status >= 500 or status in (0, 408, 429):
                 raise ObjectStoreUnavailable(f"S3 {what}: HTTP {status} {code}") from exc
             raise ObjectStoreError(f"S3 {what}: HTTP {status} {code}") from exc
         except BotoCoreError as exc:  # connection refused, timeout, ...
             raise ObjectStoreUnavailable(f"S3 {what}: {exc.__class__.__name__}") from exc
+
+    @staticmethod
+    def _download(resp: Any, dest: Path) -> None:
+        """A ``get_object`` answer's body into ``dest``."""
+        body = resp["Body"]
+        try:
+            with dest.open("wb") as f:
+                while chunk := body.read(_CHUNK):
+                    f.write(chunk)
+        except OSError:
+            raise
+        except Exception as exc:  # a connection dropped mid-body
+            raise ObjectStoreUnavailable(f"S3 get_object: {exc.__class__.__name__}") from exc
+        finally:
+            body.close()
 
     # --- files under a name (reports): reports/<relative path> ---------------------------
 
@@ -226,24 +246,7 @@ class S3Store:
         return f"{self.prefix}{name}"
 
     def _call_named(self, what: str, name: str, **kwargs: Any) -> Any:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return getattr(self._client, what)(Bucket=self.bucket, Key=self._named(name), **kwargs)
-        except ClientError as exc:
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if status == 412:
-                raise ObjectConflict("object exists") from exc
-            if code == "NoSuchBucket":
-                raise ObjectStoreUnavailable(NO_BUCKET) from exc
-            if status == 404:
-                raise ObjectMissing("no such object") from exc
-            if status >= 500 or status in (0, 408, 429):
-                raise ObjectStoreUnavailable(f"S3 {what}: HTTP {status} {code}") from exc
-            raise ObjectStoreError(f"S3 {what}: HTTP {status} {code}") from exc
-        except BotoCoreError as exc:
-            raise ObjectStoreUnavailable(f"S3 {what}: {exc.__class__.__name__}") from exc
+        return self._request(what, self._named(name), "object", **kwargs)
 
     def put_named(self, name: str, source: Path) -> PutOutcome:
         """Put an immutable file (a report) under ``name`` unless it is there; an existing
@@ -264,18 +267,7 @@ class S3Store:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
         try:
-            resp = self._call_named("get_object", name)
-            body = resp["Body"]
-            try:
-                with tmp.open("wb") as f:
-                    while chunk := body.read(_CHUNK):
-                        f.write(chunk)
-            except OSError:
-                raise
-            except Exception as exc:
-                raise ObjectStoreUnavailable(f"S3 get_object: {exc.__class__.__name__}") from exc
-            finally:
-                body.close()
+            self._download(self._call_named("get_object", name), tmp)
             os.replace(tmp, dest)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -322,31 +314,17 @@ class S3Store:
         os.close(fd)
         tmp = Path(name)
         try:
-            self._download(sha256, tmp)
+            self._download(self._call("get_object", sha256), tmp)
             return dataset_sha256(tmp)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
-    def _download(self, sha256: str, dest: Path) -> None:
-        resp = self._call("get_object", sha256)
-        body = resp["Body"]
-        try:
-            with dest.open("wb") as f:
-                while chunk := body.read(_CHUNK):
-                    f.write(chunk)
-        except OSError:
-            raise
-        except Exception as exc:  # a connection dropped mid-body
-            raise ObjectStoreUnavailable(f"S3 get_object: {exc.__class__.__name__}") from exc
-        finally:
-            body.close()
-
     def fetch(self, sha256: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
         try:
-            self._download(sha256, tmp)
+            self._download(self._call("get_object", sha256), tmp)
             if dataset_sha256(tmp) != sha256:
                 raise ObjectConflict(f"object {key_ref(sha256)} differs from its key")
             os.replace(tmp, dest)

@@ -240,7 +240,9 @@ class Uploader:
             self._store.put_if_absent(item.sha256, path)
         except (ObjectStoreError, OSError) as exc:
             if isinstance(exc, ObjectConflict):
-                log.error("object %s exists with other content; not overwritten", item.sha256)
+                log.error(
+                    "object %s exists with other content; not overwritten", key_ref(item.sha256)
+                )
             return exc
         return None
 
