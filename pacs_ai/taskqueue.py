@@ -61,10 +61,6 @@ MAX_JOB_RUNS = 200
 REDEFER_BATCH = 500
 
 
-def uses_queue(engine: Engine) -> bool:
-    return engine.dialect.name == "postgresql"
-
-
 def queueing_lock(study_id: int, revision: int) -> str:
     return f"study:{study_id}:{revision}"
 
